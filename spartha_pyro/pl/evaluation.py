@@ -59,7 +59,7 @@ def probe_heatmap(
     mid = (vmin + vmax) / 2
     for (i, j), v in np.ndenumerate(values):
         text = "–" if np.isnan(v) else format(v, fmt)
-        ax.text(j, i, text, ha="center", va="center", color="black" if v > mid else "white")
+        ax.text(j, i, text, ha="center", va="center", color="black" if np.isnan(v) or v > mid else "white")
     ax.figure.tight_layout()
     return ax
 
