@@ -1,0 +1,78 @@
+"""Shared image helpers: open a histology image safely and make a small in-memory copy.
+
+Full-resolution H&E images are large (~9k × 10k RGB ≈ 270 MB decoded); these helpers open
+them lazily, decode at reduced size where the format allows (JPEG draft mode), and always
+close the file. Errors name the file and the section.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .._errors import InputError
+
+Image.MAX_IMAGE_PIXELS = None  # histology images are legitimately huge
+
+
+def image_size(path: str | Path, section: str) -> tuple[int, int]:
+    """Size ``(width, height)`` in pixels of an image, read from its header only.
+
+    Raises
+    ------
+    InputError
+        If the file is missing or not a readable image; the message names file and section.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"section {section!r}: image file {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError) as err:
+        raise InputError(f"section {section!r}: cannot read image {str(path)!r}: {err}") from err
+
+
+def load_rgb(path: str | Path, section: str, max_px: int | None = None) -> tuple[np.ndarray, float]:
+    """Decode an image as uint8 RGB, optionally downscaled so its longer side is ≤ ``max_px``.
+
+    Parameters
+    ----------
+    path
+        Image file (JPEG, PNG, TIFF, ... anything Pillow reads).
+    section
+        Section name, used in error messages.
+    max_px
+        Longest side of the returned array in pixels; ``None`` keeps full resolution.
+
+    Returns
+    -------
+    image
+        ``uint8`` array, shape ``(height, width, 3)``.
+    scale
+        Pixels of ``image`` per pixel of the file (1.0 when not downscaled).
+
+    Raises
+    ------
+    InputError
+        Missing, truncated or unreadable file (message names file and section).
+    """
+    path = Path(path)
+    width, height = image_size(path, section)
+    scale = 1.0 if max_px is None or max(width, height) <= max_px else max_px / max(width, height)
+    try:
+        with Image.open(path) as im:
+            if scale < 1.0:
+                target = (max(1, round(width * scale)), max(1, round(height * scale)))
+                if im.format == "JPEG":
+                    im.draft("RGB", target)  # decode at 1/2^k size: fast and small
+                im = im.convert("RGB").resize(target, Image.Resampling.LANCZOS)
+            else:
+                im = im.convert("RGB")
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as err:
+        raise InputError(f"section {section!r}: cannot decode image {str(path)!r}: {err}") from err
+    if scale < 1.0:
+        scale = arr.shape[1] / width
+    return arr, scale
