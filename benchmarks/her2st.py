@@ -24,8 +24,8 @@ from anndata import AnnData, read_h5ad
 import spartha_pyro as sp
 from spartha_pyro.baselines import HisToGene, MeanPredictor, RidgePredictor
 from spartha_pyro.datasets.her2st import read_her2st
-from spartha_pyro.io._images import load_rgb
 from spartha_pyro.metrics import format_table, hvg_panel, normalize_log1p, qcpr, regression_metrics
+from spartha_pyro.pp.patches import iter_patches
 
 METHODS = ("spartha", "spatialdiva", "histogene", "ridge", "mean")
 NEEDS_FEATURES = {"spartha", "spatialdiva", "ridge"}
@@ -53,21 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def crop_patches(adata: AnnData, size: int) -> np.ndarray:
-    """uint8 patches ``(n_spots, size, size, 3)`` centred on each spot, from the full-resolution images.
-
-    Spots near the border are zero-padded. Sections without an image raise ``InputError``.
-    """
+    """uint8 patches ``(n_spots, size, size, 3)`` centred on each spot (full-resolution pixels)."""
     out = np.zeros((adata.n_obs, size, size, 3), dtype=np.uint8)
-    slides = adata.obs["slide"].astype(str).to_numpy()
-    for s in pd.unique(slides):
-        if s not in adata.uns["spatial"]:
-            raise sp.InputError(f"section {s!r} has no image: HisToGene needs patches")
-        meta = adata.uns["spatial"][s]["metadata"]
-        image, _ = load_rgb(meta["source_image_path"], s)
-        padded = np.pad(image, ((size, size), (size, size), (0, 0)))
-        for i in np.flatnonzero(slides == s):
-            x, y = np.round(adata.obsm["spatial"][i] * meta["source_image_scalef"]).astype(int) + size
-            out[i] = padded[y - size // 2 : y - size // 2 + size, x - size // 2 : x - size // 2 + size]
+    seen = np.zeros(adata.n_obs, dtype=bool)
+    for idx, batch in iter_patches(adata, patch_size=size):
+        out[idx], seen[idx] = batch, True
+    if not seen.all():
+        missing = adata.obs["slide"][~seen].astype(str).unique().tolist()
+        raise sp.InputError(f"sections {missing} have no image: HisToGene needs patches")
     return out
 
 
