@@ -1,4 +1,5 @@
 """spartha_pyro.pl"""
 from .evaluation import latent_umaps, probe_heatmap
+from .spatial import qc_failures, qc_summary, spatial
 
-__all__ = ["latent_umaps", "probe_heatmap"]
+__all__ = ["latent_umaps", "probe_heatmap", "qc_failures", "qc_summary", "spatial"]
