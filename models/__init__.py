@@ -1,0 +1,5 @@
+"""Pyro generative models of SPARTHA (installed as ``spartha_pyro.models``)."""
+from .likelihoods import LabelConditionedNormal, count_likelihood
+from .spartha import LabelPrior, SparthaModel, make_fc
+
+__all__ = ["SparthaModel", "LabelPrior", "LabelConditionedNormal", "count_likelihood", "make_fc"]

@@ -1,0 +1,197 @@
+r"""The SPARTHA generative model ``p(X_t, X_h, l | Z_y, Z_d, Z_r, Z_x) p(Z | L)``.
+
+For each spot ``n`` (a ``pyro.plate("spots")`` with subsampling):
+
+.. math::
+
+    Z_y^k &\sim \mathcal N(\mu^k_{L^k_n}, \sigma^k_{L^k_n}) \quad k = 1..m
+        \qquad\text{(biological latents, one per label set)}\\
+    Z_d &\sim \mathcal N(\mu^d_{L_{d,n}}, \sigma^d_{L_{d,n}})
+        \qquad\text{(batch / slide latent)}\\
+    Z_r &\sim \mathcal N(\mu^r_{L_{r,n}}, \sigma^r_{L_{r,n}})
+        \qquad\text{(artifact latent, } L_r = \text{QC pass/fail)}\\
+    Z_x &\sim \mathcal N(0, I) \qquad\text{(optional free residual, SpatialDIVA's } z_x)\\
+    h &= f_\theta(Z_y^{1..m}, Z_d, Z_r, Z_x)\\
+    \log l_n &\sim \mathcal N(a_\theta(h), s_\theta) \qquad\text{(log1p library size, observed in training)}\\
+    X_{t,n} &\sim \mathrm{NB}(l_n\, \mathrm{softmax}(W_t h),\ \theta)
+        \quad\text{(or ZINB; all genes)}\\
+    X_{h,n} &\sim \mathcal N(W_h h, \mathrm{diag}(\sigma_h^2)) \qquad\text{(standardised histology vector)}
+
+A missing label (code ``-1``) makes its prior the class mixture (see
+:class:`~spartha_pyro.models.likelihoods.LabelConditionedNormal`). Spots without counts
+(``has_counts = False``) or without histology (``has_histology = False``) have that
+likelihood masked out. Every site is scaled by ``1 / n_spots`` so the loss is the negative
+ELBO per spot and learning rates do not depend on data size; the plate's subsampling scales
+a minibatch up to the full data.
+
+With ``artifact_latent=False`` there is no ``Z_r``: the same code is the SpatialDIVA
+ablation. The auxiliary classifiers ``q_psi(L | Z)`` live in :mod:`spartha_pyro.guides`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.nn import PyroModule
+from torch import nn
+
+from .likelihoods import LabelConditionedNormal, count_likelihood
+
+# Module-local parameters: two SPARTHA models in one process never share weights through
+# Pyro's global param store; weights are saved with ``state_dict``.
+pyro.settings.set(module_local_params=True)
+
+
+def make_fc(dims: Sequence[int], dropout: float = 0.0, last_activation: bool = False) -> nn.Sequential:
+    """Fully connected stack ``dims[0] -> ... -> dims[-1]`` with LayerNorm + ReLU between layers."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2 or last_activation:
+            layers += [nn.LayerNorm(b), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class LabelPrior(PyroModule):
+    """Learned per-class location and scale of ``p(Z | L)`` for one label set: ``(C, D)`` each."""
+
+    def __init__(self, class_counts: torch.Tensor, dim: int):
+        super().__init__()
+        n_classes = len(class_counts)
+        self.loc = nn.Parameter(torch.randn(n_classes, dim) * (0.5 if n_classes > 1 else 0.0))
+        self.raw_scale = nn.Parameter(torch.zeros(n_classes, dim))
+        self.register_buffer("class_logits", torch.log(class_counts.float().clamp(min=1.0)))
+
+    def forward(self, labels: torch.Tensor) -> LabelConditionedNormal:
+        return LabelConditionedNormal(labels, self.loc, F.softplus(self.raw_scale) + 1e-3, self.class_logits)
+
+
+class SparthaModel(PyroModule):
+    """The generative model (see the module docstring for the math).
+
+    Parameters
+    ----------
+    n_spots
+        Number of training spots ``N`` (plate size and ELBO normaliser).
+    n_genes
+        Number of genes ``G`` modelled (all genes).
+    histology_dim
+        Width ``H`` of the (standardised) histology vector.
+    label_class_counts
+        One tensor of per-class spot counts per label set ``k`` (their lengths are the class
+        numbers; the counts weight the prior mixture for unlabelled spots).
+    batch_class_counts, qc_class_counts
+        Per-class counts for the batch and the QC label (``[n_fail, n_pass]``).
+    artifact_latent
+        ``False`` drops ``Z_r`` (SpatialDIVA).
+    likelihood
+        ``"nb"`` or ``"zinb"``.
+    """
+
+    def __init__(
+        self,
+        n_spots: int,
+        n_genes: int,
+        histology_dim: int,
+        label_class_counts: Sequence[torch.Tensor],
+        batch_class_counts: torch.Tensor,
+        qc_class_counts: torch.Tensor,
+        y_dim: int = 16,
+        d_dim: int = 8,
+        r_dim: int = 8,
+        x_dim: int = 8,
+        hidden: int = 256,
+        artifact_latent: bool = True,
+        likelihood: str = "nb",
+    ):
+        super().__init__()
+        if likelihood not in ("nb", "zinb"):
+            raise ValueError(f"likelihood must be 'nb' or 'zinb', got {likelihood!r}")
+        self.n_spots, self.n_genes, self.histology_dim = n_spots, n_genes, histology_dim
+        self.artifact_latent, self.likelihood = artifact_latent, likelihood
+        self.dims = {f"z_y{k}": y_dim for k in range(len(label_class_counts))}
+        self.dims["z_d"] = d_dim
+        if artifact_latent:
+            self.dims["z_r"] = r_dim
+        if x_dim > 0:
+            self.dims["z_x"] = x_dim
+
+        self.prior_y = nn.ModuleList([LabelPrior(c, y_dim) for c in label_class_counts])
+        self.prior_d = LabelPrior(batch_class_counts, d_dim)
+        self.prior_r = LabelPrior(qc_class_counts, r_dim) if artifact_latent else None
+
+        z_total = sum(self.dims.values())
+        self.trunk = make_fc([z_total, hidden, hidden], last_activation=True)
+        self.gene_logits = nn.Linear(hidden, n_genes)
+        self.gate_logits = nn.Linear(hidden, n_genes) if likelihood == "zinb" else None
+        self.log_theta = nn.Parameter(torch.full((n_genes,), 1.0))
+        self.library_loc = nn.Linear(hidden, 1)
+        self.library_raw_scale = nn.Parameter(torch.zeros(1))
+        self.histology_loc = nn.Linear(hidden, histology_dim)
+        self.histology_raw_scale = nn.Parameter(torch.zeros(histology_dim))
+
+    def latent_priors(self, labels, batch, qc):
+        """``{site: p(Z | L)}`` for the spots of a minibatch, in decoding order."""
+        priors = {f"z_y{k}": p(labels[:, k]) for k, p in enumerate(self.prior_y)}
+        priors["z_d"] = self.prior_d(batch)
+        if self.artifact_latent:
+            priors["z_r"] = self.prior_r(qc)
+        if "z_x" in self.dims:
+            loc = batch.new_zeros((len(batch), self.dims["z_x"]), dtype=torch.float32)
+            priors["z_x"] = dist.Normal(loc, 1.0).to_event(1)
+        return priors
+
+    def decode(self, z: torch.Tensor):
+        """Decoder heads for concatenated latents ``z`` ``(batch, sum(dims))``."""
+        h = self.trunk(z)
+        gate = self.gate_logits(h) if self.gate_logits is not None else None
+        lib_scale = F.softplus(self.library_raw_scale) + 1e-3
+        hist_scale = F.softplus(self.histology_raw_scale) + 1e-3
+        return (
+            F.softmax(self.gene_logits(h), -1),
+            gate,
+            self.library_loc(h).squeeze(-1),
+            lib_scale,
+            self.histology_loc(h),
+            hist_scale,
+        )
+
+    def forward(self, x_t, x_h, labels, batch, qc, has_counts, has_histology, index):
+        """Run the generative program on one minibatch.
+
+        Parameters
+        ----------
+        x_t
+            ``(B, G)`` float counts, or ``None`` to generate them.
+        x_h
+            ``(B, H)`` standardised histology (rows of spots without histology are ignored),
+            or ``None`` to generate.
+        labels
+            ``(B, m)`` long label codes, ``-1`` = missing.
+        batch, qc
+            ``(B,)`` long batch and QC codes (QC: 0 fail, 1 pass; ``-1`` = unknown).
+        has_counts, has_histology
+            ``(B,)`` bool masks of observed modalities.
+        index
+            ``(B,)`` long spot indices into the training set (the plate's subsample).
+        """
+        with poutine.scale(scale=1.0 / self.n_spots), pyro.plate("spots", self.n_spots, subsample=index):
+            z = [pyro.sample(name, prior) for name, prior in self.latent_priors(labels, batch, qc).items()]
+            rho, gate, lib_loc, lib_scale, hist_loc, hist_scale = self.decode(torch.cat(z, -1))
+
+            obs_log_lib = torch.log1p(x_t.sum(-1)) if x_t is not None else None
+            log_lib = pyro.sample(
+                "log_library", dist.Normal(lib_loc, lib_scale).mask(has_counts), obs=obs_log_lib
+            )
+            mu = pyro.deterministic("mu", torch.expm1(log_lib).clamp(min=0.0).unsqueeze(-1) * rho, event_dim=1)
+            theta = self.log_theta.exp()
+            pyro.sample("x_t", count_likelihood(mu, theta, gate).mask(has_counts), obs=x_t)
+            pyro.sample(
+                "x_h", dist.Normal(hist_loc, hist_scale).to_event(1).mask(has_histology), obs=x_h
+            )

@@ -1,0 +1,306 @@
+"""AnnData -> validated arrays -> device minibatches: the one seam between data and the model.
+
+:func:`build_registry` checks a training AnnData and records what the model is trained on
+(genes, histology width and standardisation, label categories). :func:`encode_adata` turns
+any AnnData (training or new) into :class:`SpotArrays` under that registry, and
+:meth:`SpotArrays.minibatch` produces the tensors for one minibatch: counts stay sparse (CSR)
+on the host and are densified on the device, one minibatch at a time.
+
+Conventions
+-----------
+- Missing labels: NaN / empty in the ``obs`` column → code ``-1`` (unlabelled spot).
+- Missing histology: a row that is entirely NaN in ``obsm[histology_key]`` (or an AnnData
+  without that key at all when the spot has counts) → ``has_histology = False``.
+- Missing counts: an AnnData with no genes (``n_vars == 0``) → ``has_counts = False``.
+- QC labels: ``"pass"``/``"fail"`` strings (any case) or booleans (``True`` = pass).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+from ._errors import InputError
+
+QC_CODES = {"fail": 0, "pass": 1}
+
+
+@dataclass
+class Registry:
+    """What a SPARTHA model was trained on (JSON-serialisable; saved with the model)."""
+
+    histology_key: str
+    label_keys: list[str]
+    batch_key: str | None
+    qc_key: str | None
+    layer: str | None
+    genes: list[str]
+    histology_dim: int
+    label_categories: list[list[str]] = field(default_factory=list)
+    batch_categories: list[str] = field(default_factory=list)
+    histology_mean: list[float] = field(default_factory=list)
+    histology_std: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SpotArrays:
+    """Host arrays for ``n`` spots under a registry.
+
+    ``counts`` is CSR float32 ``(n, G)`` or ``None``; ``x_h`` float32 ``(n, H)`` standardised
+    (missing rows zero); codes are int64 with ``-1`` for missing.
+    """
+
+    obs_names: pd.Index
+    counts: sp.csr_matrix | None
+    x_h: np.ndarray
+    has_histology: np.ndarray
+    labels: np.ndarray
+    batch: np.ndarray
+    qc: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.obs_names)
+
+    @property
+    def has_counts(self) -> np.ndarray:
+        return np.full(self.n, self.counts is not None)
+
+    def minibatch(self, idx: np.ndarray, device: torch.device, n_genes: int) -> dict[str, torch.Tensor]:
+        """Tensors for spots ``idx`` on ``device``: the model's keyword arguments.
+
+        Counts are sliced as CSR on the host and densified on the device; spots without
+        counts get an all-zero row, masked by ``has_counts``.
+        """
+        idx = np.asarray(idx)
+        pin = device.type == "cuda"
+        if self.counts is not None:
+            sub = self.counts[idx]
+            csr = torch.sparse_csr_tensor(
+                torch.from_numpy(sub.indptr.astype(np.int64)),
+                torch.from_numpy(sub.indices.astype(np.int64)),
+                torch.from_numpy(sub.data),
+                size=sub.shape,
+            )
+            x_t = csr.to(device).to_dense()
+        else:
+            x_t = torch.zeros(len(idx), n_genes, device=device)
+
+        def t(a):
+            a = torch.from_numpy(np.ascontiguousarray(a))
+            return (a.pin_memory() if pin else a).to(device, non_blocking=pin)
+
+        return {
+            "x_t": x_t,
+            "x_h": t(self.x_h[idx]),
+            "labels": t(self.labels[idx]),
+            "batch": t(self.batch[idx]),
+            "qc": t(self.qc[idx]),
+            "has_counts": t(self.has_counts[idx]),
+            "has_histology": t(self.has_histology[idx]),
+            "index": t(idx.astype(np.int64)),
+        }
+
+
+def _name_spots(obs_names: pd.Index, mask: np.ndarray, limit: int = 5) -> str:
+    bad = list(obs_names[np.flatnonzero(mask)[:limit]])
+    more = int(mask.sum()) - len(bad)
+    return ", ".join(map(repr, bad)) + (f" (+{more} more)" if more > 0 else "")
+
+
+def _check_obs_names(adata: AnnData) -> None:
+    if not adata.obs_names.is_unique:
+        dup = adata.obs_names[adata.obs_names.duplicated()]
+        raise InputError(f"obs names must be unique; duplicated: {list(dup[:5])}")
+
+
+def _counts_matrix(adata: AnnData, layer: str | None) -> sp.csr_matrix:
+    """The counts as validated CSR float32: finite, non-negative integers."""
+    if layer is not None and layer not in adata.layers:
+        raise InputError(f"layer {layer!r} is not in adata.layers (has {list(adata.layers)})")
+    X = adata.X if layer is None else adata.layers[layer]
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    if X is None:
+        raise InputError(f"{where} is empty: SPARTHA needs raw counts")
+    X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else sp.csr_matrix(X).astype(np.float32)
+    data = X.data
+    bad = ~np.isfinite(data) | (data < 0) | (data != np.round(data))
+    if bad.any():
+        rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))[bad]
+        mask = np.zeros(X.shape[0], dtype=bool)
+        mask[rows] = True
+        kind = "NaN/inf" if not np.isfinite(data[bad]).all() else ("negative" if (data[bad] < 0).any() else "non-integer")
+        raise InputError(
+            f"{where} must hold raw counts (finite, non-negative integers) for the negative binomial; "
+            f"found {kind} values in spots {_name_spots(adata.obs_names, mask)}"
+        )
+    return X
+
+
+def _histology(adata: AnnData, key: str, width: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(x_h float32 (n, H), has_histology bool (n,))``; all-NaN rows mean missing."""
+    if key not in adata.obsm:
+        raise InputError(f"histology key {key!r} is not in adata.obsm (has {list(adata.obsm)})")
+    H = adata.obsm[key]
+    if isinstance(H, pd.DataFrame):
+        if not H.index.equals(adata.obs_names):
+            raise InputError(f"obsm[{key!r}] rows do not line up with adata.obs_names")
+        H = H.to_numpy()
+    H = np.asarray(H, dtype=np.float32)
+    if H.ndim != 2 or H.shape[0] != adata.n_obs:
+        raise InputError(f"obsm[{key!r}] must be 2-d with one row per spot, got shape {H.shape}")
+    if width is not None and H.shape[1] != width:
+        raise InputError(f"obsm[{key!r}] has width {H.shape[1]}, but the model was trained on width {width}")
+    finite = np.isfinite(H)
+    missing = ~finite.any(1) & np.isnan(H).all(1)
+    partial = ~finite.all(1) & ~missing
+    if partial.any():
+        raise InputError(
+            f"obsm[{key!r}] has NaN/inf values in spots {_name_spots(adata.obs_names, partial)} "
+            "(an all-NaN row marks missing histology; partial NaN/inf is an error)"
+        )
+    return H, ~missing
+
+
+def _codes(values: pd.Series, categories: Sequence[str]) -> np.ndarray:
+    cat = pd.Categorical(values.astype("string").where(values.notna()), categories=list(categories))
+    return np.asarray(cat.codes, dtype=np.int64)
+
+
+def _qc_codes(adata: AnnData, key: str | None) -> np.ndarray:
+    if key is None or key not in adata.obs:
+        return np.full(adata.n_obs, -1, dtype=np.int64)
+    col = adata.obs[key]
+    if pd.api.types.is_bool_dtype(col):
+        return col.to_numpy().astype(np.int64)
+    lower = col.astype("string").str.lower()
+    bad = lower.notna() & ~lower.isin(list(QC_CODES))
+    if bad.any():
+        raise InputError(
+            f"obs[{key!r}] must hold 'pass'/'fail' or booleans; got {sorted(set(col[bad.to_numpy()].astype(str)))[:5]}"
+        )
+    return lower.map(QC_CODES).fillna(-1).to_numpy().astype(np.int64)
+
+
+def build_registry(
+    adata: AnnData,
+    histology_key: str,
+    label_keys: Sequence[str],
+    batch_key: str | None,
+    qc_key: str | None,
+    layer: str | None = None,
+) -> Registry:
+    """Validate a training AnnData and record genes, categories and histology scaling."""
+    _check_obs_names(adata)
+    if adata.n_vars == 0:
+        raise InputError("the training AnnData has no genes: SPARTHA needs counts to learn expression")
+    for key in [*label_keys, *(k for k in (batch_key, qc_key) if k is not None)]:
+        if key not in adata.obs:
+            raise InputError(f"obs key {key!r} is not a column of adata.obs")
+    if len(set(label_keys)) != len(label_keys):
+        raise InputError(f"label_keys has duplicates: {list(label_keys)}")
+    label_categories = []
+    for key in label_keys:
+        cats = sorted(adata.obs[key].dropna().astype(str).unique())
+        if len(cats) < 2:
+            raise InputError(f"label column obs[{key!r}] needs at least two classes, found {cats}")
+        label_categories.append(cats)
+    batch_categories = sorted(adata.obs[batch_key].dropna().astype(str).unique()) if batch_key else ["all"]
+    if batch_key and adata.obs[batch_key].isna().any():
+        raise InputError(f"obs[{batch_key!r}] has missing values: every training spot needs a batch")
+    if qc_key is not None:
+        qc = _qc_codes(adata, qc_key)
+        if (qc < 0).all():
+            raise InputError(f"obs[{qc_key!r}] has no pass/fail labels")
+    _counts_matrix(adata, layer)
+    H, has = _histology(adata, histology_key, None)
+    if not has.any():
+        raise InputError(f"obsm[{histology_key!r}] is missing (all NaN) for every spot")
+    mean = H[has].mean(0)
+    std = H[has].std(0)
+    std = np.where(std > 1e-6, std, 1.0)
+    return Registry(
+        histology_key=histology_key,
+        label_keys=list(label_keys),
+        batch_key=batch_key,
+        qc_key=qc_key,
+        layer=layer,
+        genes=[str(g) for g in adata.var_names],
+        histology_dim=int(H.shape[1]),
+        label_categories=label_categories,
+        batch_categories=list(batch_categories),
+        histology_mean=mean.astype(float).tolist(),
+        histology_std=std.astype(float).tolist(),
+    )
+
+
+def encode_adata(adata: AnnData, registry: Registry, require_counts: bool = False) -> SpotArrays:
+    """Arrays for ``adata`` under ``registry``.
+
+    Counts are aligned to the training genes by name when ``adata`` has genes; an AnnData
+    with ``n_vars == 0`` (histology only) gets ``counts=None``. Labels, batches and QC are
+    optional here (codes ``-1`` when absent or unseen: an unseen batch is allowed and its
+    batch latent is inferred from histology).
+    """
+    _check_obs_names(adata)
+    counts = None
+    if adata.n_vars > 0:
+        genes = pd.Index(registry.genes)
+        present = genes.isin(adata.var_names)
+        if not present.all():
+            raise InputError(
+                f"adata lacks {int((~present).sum())} of the {len(genes)} training genes "
+                f"(e.g. {list(genes[~present][:5])}); pass an AnnData with all training genes, "
+                "or one with no genes (histology only) for prediction"
+            )
+        if not adata.var_names.is_unique:
+            raise InputError("var names must be unique")
+        X = _counts_matrix(adata, registry.layer)
+        order = adata.var_names.get_indexer(genes)
+        counts = X if np.array_equal(order, np.arange(adata.n_vars)) else X[:, order].tocsr()
+    elif require_counts:
+        raise InputError("this AnnData has no genes, but counts are required here")
+
+    if registry.histology_key in adata.obsm:
+        H, has_h = _histology(adata, registry.histology_key, registry.histology_dim)
+    elif counts is not None:
+        H, has_h = np.zeros((adata.n_obs, registry.histology_dim), np.float32), np.zeros(adata.n_obs, bool)
+    else:
+        raise InputError(
+            f"adata has neither counts nor obsm[{registry.histology_key!r}]: nothing to encode"
+        )
+    x_h = (H - np.asarray(registry.histology_mean, np.float32)) / np.asarray(registry.histology_std, np.float32)
+    x_h[~has_h] = 0.0
+
+    labels = np.full((adata.n_obs, len(registry.label_keys)), -1, dtype=np.int64)
+    for k, (key, cats) in enumerate(zip(registry.label_keys, registry.label_categories)):
+        if key in adata.obs:
+            labels[:, k] = _codes(adata.obs[key], cats)
+    if registry.batch_key is None:
+        batch = np.zeros(adata.n_obs, dtype=np.int64)
+    elif registry.batch_key in adata.obs:
+        batch = _codes(adata.obs[registry.batch_key], registry.batch_categories)
+    else:
+        batch = np.full(adata.n_obs, -1, dtype=np.int64)
+    return SpotArrays(
+        obs_names=adata.obs_names.copy(),
+        counts=counts,
+        x_h=x_h.astype(np.float32),
+        has_histology=has_h,
+        labels=labels,
+        batch=batch,
+        qc=_qc_codes(adata, registry.qc_key),
+    )
+
+
+def class_counts(codes: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Per-class counts of non-missing codes, length ``n_classes``."""
+    return torch.from_numpy(np.bincount(codes[codes >= 0], minlength=n_classes)[:n_classes])

@@ -1,0 +1,429 @@
+"""The user-facing :class:`SPARTHA` model: AnnData in; arrays, AnnData and xarray out."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+import xarray as xr
+from anndata import AnnData
+from pyro import poutine
+from pyro.infer import Predictive
+
+from ._errors import InputError
+from .data import QC_CODES, Registry, SpotArrays, build_registry, class_counts, encode_adata
+from .module import SparthaModule, batch_args
+from .train import TrainConfig, fit, iterate_minibatches, resolve_device
+
+FORMAT_VERSION = 1
+LATENTS = ("y", "d", "r", "x")
+
+
+class SPARTHA:
+    """SPARTHA: histology-to-expression with label, batch and artifact latents.
+
+    Parameters
+    ----------
+    adata
+        Training spots: raw counts over all genes in ``X`` (or ``layers[layer]``; sparse CSR
+        is the normal case), histology vectors in ``obsm[histology_key]``.
+    histology_key
+        ``obsm`` key of the histology representation ``X_h`` (float, spots × features).
+    label_keys
+        ``obs`` columns of the biological label sets ``L^k`` (categorical; missing = unlabelled).
+        Each gets its own latent ``Z_y^k``. May be empty.
+    batch_key
+        ``obs`` column of the batch/slide ``L_d`` (``None``: one batch).
+    qc_key
+        ``obs`` column of QC pass/fail ``L_r`` (see :func:`spartha_pyro.pp.annotate_qc`).
+    layer
+        Layer holding raw counts instead of ``X``.
+    artifact_latent
+        ``False`` removes ``Z_r`` and its classifier: the SpatialDIVA baseline.
+    likelihood
+        ``"nb"`` (default) or ``"zinb"``.
+    y_dim, d_dim, r_dim, x_dim
+        Latent widths; ``x_dim=0`` drops the free residual latent ``Z_x``.
+    hidden
+        Hidden width of decoder and encoders.
+    aux_weights
+        Weights of the classifier factors, ``{"y": ..., "d": ..., "r": ...}`` (default 50 each).
+    histology_weight
+        Weight of the histology-only ELBO in the objective.
+    histology_encoder
+        ``"mlp"`` or ``"linear"`` (ridge-like) histology-only encoder.
+    histology_dropout
+        Input dropout of the histology encoder.
+
+    Examples
+    --------
+    >>> adata = sp.datasets.simulate(n_spots=2000, n_genes=1000, seed=0)
+    >>> sp.pp.annotate_qc(adata, batch_key="slide")
+    >>> model = sp.SPARTHA(adata, label_keys=["cell_type"], batch_key="slide")
+    >>> model.train(max_epochs=50)
+    >>> pred = model.predict_expression(adata_histology_only, num_samples=20)
+    """
+
+    def __init__(
+        self,
+        adata: AnnData,
+        histology_key: str = "histology",
+        label_keys: Sequence[str] = (),
+        batch_key: str | None = None,
+        qc_key: str | None = "qc_pass",
+        layer: str | None = None,
+        artifact_latent: bool = True,
+        likelihood: str = "nb",
+        y_dim: int = 16,
+        d_dim: int = 8,
+        r_dim: int = 8,
+        x_dim: int = 8,
+        hidden: int = 256,
+        aux_weights: Mapping[str, float] | None = None,
+        histology_weight: float = 1.0,
+        histology_encoder: str = "mlp",
+        histology_dropout: float = 0.2,
+    ):
+        if isinstance(label_keys, str):
+            label_keys = [label_keys]
+        if artifact_latent and qc_key is None:
+            raise InputError("artifact_latent=True needs qc_key (run sp.pp.annotate_qc first)")
+        if artifact_latent and qc_key not in adata.obs:
+            raise InputError(
+                f"qc_key {qc_key!r} is not a column of adata.obs; run sp.pp.annotate_qc(adata) first"
+            )
+        self.registry = build_registry(adata, histology_key, list(label_keys), batch_key, qc_key if artifact_latent else None, layer)
+        self.init_kwargs = dict(
+            artifact_latent=artifact_latent, likelihood=likelihood, y_dim=y_dim, d_dim=d_dim, r_dim=r_dim,
+            x_dim=x_dim, hidden=hidden, aux_weights=dict(aux_weights or {}), histology_weight=histology_weight,
+            histology_encoder=histology_encoder, histology_dropout=histology_dropout,
+        )
+        self.adata = adata
+        self._data = encode_adata(adata, self.registry, require_counts=True)
+        self.module = self._build_module(self._data.n)
+        self.history: list[dict] = []
+        self.device = torch.device("cpu")
+        self.is_trained = False
+
+    # ------------------------------------------------------------------ building
+    def _build_module(self, n_spots: int) -> SparthaModule:
+        r, data = self.registry, self._data
+        kw = dict(self.init_kwargs)
+        return SparthaModule(
+            n_spots=n_spots,
+            n_genes=len(r.genes),
+            histology_dim=r.histology_dim,
+            label_class_counts=[class_counts(data.labels[:, k], len(c)) for k, c in enumerate(r.label_categories)],
+            batch_class_counts=class_counts(data.batch, len(r.batch_categories)),
+            qc_class_counts=class_counts(data.qc, len(QC_CODES)),
+            aux_weights=kw.pop("aux_weights"),
+            histology_weight=kw.pop("histology_weight"),
+            histology_encoder=kw.pop("histology_encoder"),
+            histology_dropout=kw.pop("histology_dropout"),
+            **kw,
+        )
+
+    def __repr__(self) -> str:
+        r = self.registry
+        kind = "SPARTHA" if self.init_kwargs["artifact_latent"] else "SPARTHA(artifact_latent=False) [SpatialDIVA]"
+        return (
+            f"{kind}: {self._data.n} spots × {len(r.genes)} genes, histology {r.histology_dim}-d, "
+            f"labels {r.label_keys}, batch {r.batch_key!r}, qc {r.qc_key!r}, latents {self.module.model.dims}, "
+            f"trained={self.is_trained}"
+        )
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int = 100,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        validation: float | Sequence[str] | None = None,
+        patience: int | None = 20,
+        device: str | torch.device | None = "auto",
+        seed: int = 0,
+        jit: bool = False,
+        progress: bool = True,
+        clip_norm: float = 10.0,
+        weight_decay: float = 0.0,
+    ) -> list[dict]:
+        """Fit by minibatch SVI (ClippedAdam) on the training AnnData.
+
+        Parameters
+        ----------
+        max_epochs
+            Maximum passes over the training spots.
+        batch_size
+            Spots per minibatch.
+        lr
+            ClippedAdam learning rate.
+        validation
+            ``None`` (no validation); a fraction of spots held out at random; or a list of
+            batch categories (whole slides) held out — the honest choice on real data. The
+            histology-path loss on these spots drives early stopping.
+        patience
+            Epochs without validation improvement before stopping (best weights restored).
+        device
+            ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``…
+        seed
+            Seeds Python, NumPy, torch, Pyro and the minibatch order.
+        jit
+            Use ``JitTrace_ELBO`` (full minibatches only; the last partial one is skipped).
+        progress
+            Show a tqdm bar (epoch, losses, classifier accuracies).
+
+        Returns
+        -------
+        The per-epoch history (also in ``self.history``).
+        """
+        if max_epochs < 1 or batch_size < 1:
+            raise InputError("max_epochs and batch_size must be positive")
+        train_idx, val_idx = self._split(validation, seed)
+        self.device = resolve_device(device)
+        self.module.configure(n_spots=len(train_idx), jit=False)
+        config = TrainConfig(
+            max_epochs=max_epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, progress=progress,
+            clip_norm=clip_norm, weight_decay=weight_decay,
+            check_finite_every=1 if self.device.type == "cpu" else 50,
+        )
+        self.history += fit(self.module, self._data, train_idx, val_idx, config, self.device, jit=jit)
+        self.is_trained = True
+        return self.history
+
+    def _split(self, validation, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+        n = self._data.n
+        if validation is None:
+            return np.arange(n), None
+        if isinstance(validation, float):
+            if not 0.0 < validation < 1.0:
+                raise InputError(f"validation fraction must be in (0, 1), got {validation}")
+            perm = np.random.default_rng(seed).permutation(n)
+            n_val = max(1, int(round(validation * n)))
+            return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+        key = self.registry.batch_key
+        if key is None:
+            raise InputError("validation by batch needs batch_key")
+        held = [str(v) for v in validation]
+        unknown = sorted(set(held) - set(self.registry.batch_categories))
+        if unknown:
+            raise InputError(f"validation batches {unknown} are not in obs[{key!r}]")
+        is_val = self.adata.obs[key].astype(str).isin(held).to_numpy()
+        if is_val.all():
+            raise InputError("validation holds out every spot")
+        return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+    # ------------------------------------------------------------------ inference
+    def _encode(self, adata: AnnData | None) -> SpotArrays:
+        return self._data if adata is None else encode_adata(adata, self.registry)
+
+    @torch.no_grad()
+    def get_latent(
+        self,
+        adata: AnnData | None = None,
+        latent: str = "y",
+        label_key: str | None = None,
+        encoder: str = "auto",
+        batch_size: int = 1024,
+        key_added: str | None = None,
+    ) -> np.ndarray:
+        """Posterior means of a latent, also written to ``adata.obsm``.
+
+        Parameters
+        ----------
+        adata
+            Spots to embed (default: the training AnnData).
+        latent
+            ``"y"`` (all ``Z_y^k`` concatenated, or one with ``label_key``), ``"d"``, ``"r"``, ``"x"``.
+        encoder
+            ``"full"`` (counts + histology), ``"histology"`` (histology only), or ``"auto"``:
+            full when ``adata`` has counts.
+        key_added
+            ``obsm`` key (default ``f"X_spartha_{latent}"``).
+
+        Returns
+        -------
+        ``(n_spots, latent width)`` float32 array.
+        """
+        sites = self._latent_sites(latent, label_key)
+        adata_out = self.adata if adata is None else adata
+        data = self._encode(adata)
+        if encoder == "auto":
+            encoder = "full" if data.counts is not None else "histology"
+        if encoder not in ("full", "histology"):
+            raise InputError(f"encoder must be 'auto', 'full' or 'histology', got {encoder!r}")
+        if encoder == "full" and data.counts is None:
+            raise InputError("encoder='full' needs counts; this AnnData has none")
+        module = self.module.to(self.device).eval()
+        out = []
+        for b in iterate_minibatches(data.n, batch_size, None, False):
+            batch = data.minibatch(b, self.device, len(self.registry.genes))
+            guide = module.guide_full if encoder == "full" else module.guide_hist
+            params = guide.encode(batch["x_t"], batch["x_h"], batch["has_counts"], batch["has_histology"])
+            out.append(torch.cat([params[s][0] for s in sites], -1).cpu().numpy())
+        z = np.concatenate(out)
+        adata_out.obsm[key_added or f"X_spartha_{latent}" + (f"_{label_key}" if label_key else "")] = z
+        return z
+
+    def _latent_sites(self, latent: str, label_key: str | None) -> list[str]:
+        dims = self.module.model.dims
+        if latent not in LATENTS:
+            raise InputError(f"latent must be one of {LATENTS}, got {latent!r}")
+        if latent == "y":
+            keys = self.registry.label_keys
+            if label_key is not None:
+                if label_key not in keys:
+                    raise InputError(f"label_key {label_key!r} is not one of the model's label keys {keys}")
+                return [f"z_y{keys.index(label_key)}"]
+            if not keys:
+                raise InputError("this model has no label sets, hence no Z_y; use latent='x'")
+            return [f"z_y{k}" for k in range(len(keys))]
+        site = f"z_{latent}"
+        if site not in dims:
+            raise InputError(f"this model has no {site} (artifact_latent/x_dim settings)")
+        return [site]
+
+    @torch.no_grad()
+    def predict_expression(
+        self,
+        adata: AnnData,
+        num_samples: int = 20,
+        artifact: str = "pass",
+        value: str = "counts",
+        batch_size: int = 256,
+        seed: int = 0,
+    ) -> xr.DataArray:
+        """Generate expression for spots from their histology alone (posterior predictive).
+
+        Latents are drawn from the histology-only guide ``q(Z | X_h)``; with
+        ``artifact="pass"`` the artifact latent is drawn instead from its prior given a
+        passing spot, ``p(Z_r | L_r = pass)`` (artifact-free generation); with
+        ``"posterior"`` from ``q(Z_r | X_h)``. The library size is drawn from
+        ``p(log l | Z)`` and counts from the NB (or ZINB).
+
+        Parameters
+        ----------
+        adata
+            Spots with ``obsm[histology_key]``; counts are not needed (``n_vars`` may be 0).
+        num_samples
+            Posterior predictive draws per spot.
+        artifact
+            ``"pass"`` or ``"posterior"`` (SpatialDIVA models accept only ``"posterior"``
+            semantics: they have no ``Z_r``).
+        value
+            ``"counts"`` (sampled counts, int32) or ``"mean"`` (NB mean ``mu``, float32,
+            expected counts given the sampled latents and library).
+        seed
+            Seed of Pyro's RNG: same seed, same draws.
+
+        Returns
+        -------
+        ``xarray.DataArray`` with dims ``("sample", "spot", "gene")``, coords from
+        ``adata.obs_names`` and the training genes.
+        """
+        if artifact not in ("pass", "posterior"):
+            raise InputError(f"artifact must be 'pass' or 'posterior', got {artifact!r}")
+        if value not in ("counts", "mean"):
+            raise InputError(f"value must be 'counts' or 'mean', got {value!r}")
+        if num_samples < 1:
+            raise InputError("num_samples must be positive")
+        key = self.registry.histology_key
+        if key not in adata.obsm:
+            raise InputError(f"prediction needs histology in adata.obsm[{key!r}]")
+        data = encode_adata(AnnData(obs=adata.obs[[]], obsm={key: adata.obsm[key]}), self.registry)
+        if not data.has_histology.all():
+            raise InputError(
+                f"spots without histology (all-NaN rows in obsm[{key!r}]) cannot be predicted from histology"
+            )
+        use_prior_r = artifact == "pass" and "z_r" in self.module.model.dims
+        module = self.module.to(self.device).eval()
+        guide = poutine.block(module.guide_hist, hide=["z_r"]) if use_prior_r else module.guide_hist
+        site = "x_t" if value == "counts" else "mu"
+        predictive = Predictive(module.model, guide=guide, num_samples=num_samples, return_sites=[site])
+        pyro.set_rng_seed(seed)
+        n_genes = len(self.registry.genes)
+        out = np.empty((num_samples, data.n, n_genes), dtype=np.int32 if value == "counts" else np.float32)
+        for b in iterate_minibatches(data.n, batch_size, None, False):
+            batch = data.minibatch(b, self.device, n_genes)
+            batch["qc"] = torch.full_like(batch["qc"], QC_CODES["pass"])
+            batch["x_t"] = None
+            batch["index"] = torch.arange(len(b), device=self.device)
+            samples = predictive(*batch_args(batch))[site]
+            out[:, b] = samples.reshape(num_samples, len(b), n_genes).cpu().numpy()
+        return xr.DataArray(
+            out,
+            dims=("sample", "spot", "gene"),
+            coords={"sample": np.arange(num_samples), "spot": np.asarray(adata.obs_names), "gene": self.registry.genes},
+            name="expression" if value == "counts" else "expected_expression",
+            attrs={"artifact": artifact, "value": value, "seed": seed, "model": repr(self)},
+        )
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
+        """Write ``path/model.pt`` (weights) and ``path/settings.json`` (registry, settings, version).
+
+        Each file is written under a temporary name in the same folder, then renamed.
+        """
+        path = Path(path)
+        if (path / "model.pt").exists() and not overwrite:
+            raise FileExistsError(f"{path} already holds a saved model; pass overwrite=True")
+        path.mkdir(parents=True, exist_ok=True)
+        from . import __version__
+
+        settings = {
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "registry": self.registry.to_dict(),
+            "init_kwargs": self.init_kwargs,
+            "n_train_spots": self.module.model.n_spots,
+            "is_trained": self.is_trained,
+            "history": self.history,
+        }
+        _atomic_write(path / "model.pt", lambda f: torch.save(self.module.state_dict(), f))
+        _atomic_write(path / "settings.json", lambda f: f.write(json.dumps(settings, indent=1).encode()))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, adata: AnnData, device: str | torch.device | None = "cpu") -> "SPARTHA":
+        """Load a saved model; ``adata`` must hold the training genes (order may differ)."""
+        path = Path(path)
+        try:
+            settings = json.loads((path / "settings.json").read_text())
+        except FileNotFoundError:
+            raise InputError(f"{path / 'settings.json'} does not exist: not a saved SPARTHA model") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"{path / 'settings.json'} is corrupt: {err}") from None
+        if settings.get("format_version", 0) > FORMAT_VERSION:
+            raise InputError(f"{path} was saved in format {settings['format_version']}; this library reads <= {FORMAT_VERSION}")
+        reg = Registry(**settings["registry"])
+        self = cls.__new__(cls)
+        self.registry, self.init_kwargs = reg, settings["init_kwargs"]
+        self.adata = adata
+        self._data = encode_adata(adata, reg, require_counts=True)
+        self.module = self._build_module(settings["n_train_spots"])
+        try:
+            state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for truncated/corrupt files
+            raise InputError(f"{path / 'model.pt'} cannot be read (truncated or corrupt?): {err}") from None
+        self.module.load_state_dict(state)
+        self.module.eval()
+        self.history = settings.get("history", [])
+        self.is_trained = settings.get("is_trained", True)
+        self.device = resolve_device(device)
+        return self
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,121 @@
+"""The container that owns SPARTHA's model, guides and objective (no AnnData here).
+
+:class:`SparthaModule` builds :class:`~spartha_pyro.models.SparthaModel`, the two guides of
+:mod:`spartha_pyro.guides` with their shared classifiers, and computes the training loss
+
+``loss = -ELBO(model, full guide) - histology_weight * ELBO(model, histology guide)``
+
+per spot (the classifier factors sit inside each guide). The histology path's ELBO is masked
+for spots without histology.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from pyro import poutine
+from pyro.infer import JitTrace_ELBO, Trace_ELBO
+from pyro.nn.module import to_pyro_module_
+from torch import nn
+
+from .guides import AuxClassifiers, FullGuide, HistologyEncoder, HistologyGuide
+from .models import SparthaModel
+
+#: default weights ``alpha`` of the auxiliary classifier factors, per kind of latent
+DEFAULT_AUX_WEIGHTS = {"y": 50.0, "d": 50.0, "r": 50.0}
+
+#: argument order shared by model and guides (the seam between data and the program)
+ARG_NAMES = ("x_t", "x_h", "labels", "batch", "qc", "has_counts", "has_histology", "index")
+
+
+def batch_args(batch: Mapping[str, torch.Tensor]) -> tuple:
+    """Positional arguments of model/guide from a minibatch dict (see :data:`ARG_NAMES`)."""
+    return tuple(batch[k] for k in ARG_NAMES)
+
+
+class SparthaModule(nn.Module):
+    """Model, full guide, histology guide and classifiers, with the joint loss.
+
+    Parameters
+    ----------
+    n_spots, n_genes, histology_dim
+        Training set size, number of genes, histology width.
+    label_class_counts, batch_class_counts, qc_class_counts
+        Per-class spot counts (see :class:`~spartha_pyro.models.SparthaModel`).
+    aux_weights
+        ``{"y": alpha_y, "d": alpha_d, "r": alpha_r}`` weights of the classifier factors.
+    histology_weight
+        ``lambda_h``, weight of the histology-only ELBO.
+    histology_encoder
+        ``"mlp"`` or ``"linear"``.
+    **model_kwargs
+        Latent sizes, ``hidden``, ``artifact_latent``, ``likelihood``.
+    """
+
+    def __init__(
+        self,
+        n_spots: int,
+        n_genes: int,
+        histology_dim: int,
+        label_class_counts: Sequence[torch.Tensor],
+        batch_class_counts: torch.Tensor,
+        qc_class_counts: torch.Tensor,
+        aux_weights: Mapping[str, float] | None = None,
+        histology_weight: float = 1.0,
+        histology_encoder: str = "mlp",
+        histology_dropout: float = 0.2,
+        **model_kwargs,
+    ):
+        super().__init__()
+        self.model = SparthaModel(
+            n_spots, n_genes, histology_dim, label_class_counts, batch_class_counts, qc_class_counts, **model_kwargs
+        )
+        dims = self.model.dims
+        weights = {**DEFAULT_AUX_WEIGHTS, **(aux_weights or {})}
+        classified = {s: d for s, d in dims.items() if s != "z_x"}
+        site_weights = {s: weights["y" if s.startswith("z_y") else s[-1]] for s in classified}
+        n_classes = {f"z_y{k}": len(c) for k, c in enumerate(label_class_counts)}
+        n_classes.update(z_d=len(batch_class_counts), z_r=len(qc_class_counts))
+        self.classifiers = AuxClassifiers(classified, n_classes)
+        hidden = model_kwargs.get("hidden", 256)
+        hist_encoder = HistologyEncoder(histology_dim, dims, hidden, histology_dropout, histology_encoder)
+        self.guide_hist = HistologyGuide(hist_encoder, n_spots, dims, self.classifiers, site_weights)
+        self.guide_full = FullGuide(
+            n_genes, histology_dim, hist_encoder, n_spots, dims, self.classifiers, site_weights, hidden
+        )
+        self.histology_weight = histology_weight
+        for program in (self.model, self.guide_full, self.guide_hist):
+            to_pyro_module_(program)  # every submodule a PyroModule: needed by Pyro's JIT
+        self.configure(n_spots, jit=False)
+
+    def configure(self, n_spots: int, jit: bool) -> None:
+        """Set the training-set size (the ELBO's plate size) and the ELBO implementation.
+
+        ``jit=True`` uses :class:`~pyro.infer.JitTrace_ELBO`: shapes are traced once, so train
+        with full minibatches only.
+        """
+        for program in (self.model, self.guide_full, self.guide_hist):
+            program.n_spots = n_spots
+        make = (lambda: JitTrace_ELBO(ignore_jit_warnings=True)) if jit else Trace_ELBO
+        self._elbo_full, self._elbo_hist = make(), make()
+
+    def histology_model(self, *args):
+        """The model with every site masked to spots that have histology."""
+        with poutine.mask(mask=args[ARG_NAMES.index("has_histology")]):
+            return self.model(*args)
+
+    def histology_guide(self, *args):
+        """The histology guide with every site masked to spots that have histology."""
+        with poutine.mask(mask=args[ARG_NAMES.index("has_histology")]):
+            return self.guide_hist(*args)
+
+    def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss_full, loss_hist)``: negative ELBOs per spot of both paths on a minibatch."""
+        args = batch_args(batch)
+        loss_full = self._elbo_full.differentiable_loss(self.model, self.guide_full, *args)
+        loss_hist = self._elbo_hist.differentiable_loss(self.histology_model, self.histology_guide, *args)
+        return loss_full, loss_hist
+
+    def total_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        loss_full, loss_hist = self.loss(batch)
+        return loss_full + self.histology_weight * loss_hist

@@ -1,0 +1,202 @@
+"""The SVI loop: shuffled minibatches, ClippedAdam, early stopping, progress, NaN diagnosis."""
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.optim.clipped_adam import ClippedAdam
+from tqdm.auto import tqdm
+
+from .data import SpotArrays
+from .module import SparthaModule, batch_args
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`fit` (see :meth:`spartha_pyro.SPARTHA.train`)."""
+
+    max_epochs: int = 100
+    batch_size: int = 256
+    lr: float = 1e-3
+    clip_norm: float = 10.0
+    lrd: float = 1.0
+    weight_decay: float = 0.0
+    patience: int | None = 20
+    seed: int = 0
+    progress: bool = True
+    check_finite_every: int = 1
+    accuracy_spots: int = 2048
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/``None`` -> CUDA when available, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, torch and Pyro."""
+    random.seed(seed)
+    np.random.seed(seed)
+    pyro.set_rng_seed(seed)
+
+
+def iterate_minibatches(n: int, batch_size: int, rng: np.random.Generator | None, drop_last: bool):
+    """Index arrays covering ``range(n)``, shuffled when ``rng`` is given."""
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        yield np.sort(order[start : start + batch_size])
+
+
+def diagnose_nonfinite(module: SparthaModule, batch: dict) -> str:
+    """Names of the model/guide terms whose log-density is not finite on ``batch``."""
+    args = batch_args(batch)
+    bad = []
+    with torch.no_grad():
+        for path, guide, model in (
+            ("full", module.guide_full, module.model),
+            ("histology", module.histology_guide, module.histology_model),
+        ):
+            guide_tr = poutine.trace(guide).get_trace(*args)
+            model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
+            for where, tr in (("guide", guide_tr), ("model", model_tr)):
+                tr.compute_log_prob()
+                for name, site in tr.nodes.items():
+                    if site["type"] == "sample" and not torch.isfinite(site["log_prob_sum"]):
+                        bad.append(f"{where} site {name!r} ({path} path)")
+    nonfinite_params = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
+    if nonfinite_params:
+        bad.append(f"parameters {nonfinite_params[:5]}")
+    return "; ".join(bad) or "no single term (overflow in the sum)"
+
+
+@torch.no_grad()
+def evaluate_loss(module: SparthaModule, data: SpotArrays, idx: np.ndarray, batch_size: int, device) -> float:
+    """Histology-path negative ELBO per spot on spots ``idx`` (eval mode, no dropout)."""
+    module.eval()
+    total, n_genes = 0.0, module.model.n_genes
+    for b in iterate_minibatches(len(idx), batch_size, None, False):
+        batch = data.minibatch(idx[b], device, n_genes)
+        total += float(module.loss(batch)[1]) * len(b)
+    module.train()
+    return total / max(len(idx), 1)
+
+
+@torch.no_grad()
+def classifier_accuracy(module: SparthaModule, data: SpotArrays, idx: np.ndarray, device) -> dict[str, float]:
+    """Accuracy of each ``q_psi(L | Z)`` at the full guide's posterior means on spots ``idx``."""
+    module.eval()
+    batch = data.minibatch(idx, device, module.model.n_genes)
+    params = module.guide_full.encode(batch["x_t"], batch["x_h"], batch["has_counts"], batch["has_histology"])
+    targets = {f"z_y{k}": batch["labels"][:, k] for k in range(batch["labels"].shape[1])}
+    targets.update(z_d=batch["batch"], z_r=batch["qc"])
+    out = {}
+    for site, head in module.classifiers.heads.items():
+        t = targets[site]
+        known = t >= 0
+        if known.any():
+            pred = head(params[site][0]).argmax(-1)
+            out[f"acc_{site}"] = float((pred[known] == t[known]).float().mean())
+    module.train()
+    return out
+
+
+def fit(
+    module: SparthaModule,
+    *args,
+    jit: bool = False,
+    **kwargs,
+) -> list[dict]:
+    """Train ``module`` in place; see :func:`_fit` (``jit=True`` for ``JitTrace_ELBO``).
+
+    Pyro's JIT finds parameters through its global param store, so a JIT run registers this
+    module's parameters there (the store is cleared first, the tensors are the module's own)
+    and the library's default of module-local parameters is restored afterwards.
+    """
+    module.configure(module.model.n_spots, jit=jit)
+    if not jit:
+        return _fit(module, *args, **kwargs)
+    with pyro.settings.context(module_local_params=False):
+        pyro.clear_param_store()
+        try:
+            return _fit(module, *args, drop_last=True, **kwargs)
+        finally:
+            pyro.clear_param_store()
+            module.configure(module.model.n_spots, jit=False)
+
+
+def _fit(
+    module: SparthaModule,
+    data: SpotArrays,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray | None,
+    config: TrainConfig,
+    device: torch.device,
+    drop_last: bool = False,
+) -> list[dict]:
+    """Train ``module`` in place on ``data[train_idx]``; returns one history record per epoch.
+
+    With ``val_idx`` and ``config.patience``, stops when the histology-path validation loss
+    has not improved for ``patience`` epochs and restores the best parameters. Raises
+    ``FloatingPointError`` naming the offending terms when the loss becomes NaN/inf.
+    """
+    seed_everything(config.seed)
+    rng = np.random.default_rng(config.seed)
+    module.to(device).train()
+    optim = ClippedAdam(
+        module.parameters(), lr=config.lr, clip_norm=config.clip_norm, lrd=config.lrd, weight_decay=config.weight_decay
+    )
+    n_genes = module.model.n_genes
+    acc_idx = rng.choice(train_idx, min(config.accuracy_spots, len(train_idx)), replace=False)
+    acc_idx.sort()
+    history: list[dict] = []
+    best, best_state, stale = math.inf, None, 0
+    bar = tqdm(range(config.max_epochs), desc="SPARTHA", unit="epoch", disable=not config.progress)
+    step = 0
+    for epoch in bar:
+        sums = torch.zeros(2, device=device)
+        n_seen = 0
+        for b in iterate_minibatches(len(train_idx), config.batch_size, rng, drop_last):
+            batch = data.minibatch(train_idx[b], device, n_genes)
+            loss_full, loss_hist = module.loss(batch)
+            loss = loss_full + module.histology_weight * loss_hist
+            step += 1
+            if step % config.check_finite_every == 0 and not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"SPARTHA loss is not finite at epoch {epoch}, step {step}: {diagnose_nonfinite(module, batch)}"
+                )
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            # each loss is already a per-spot mean over the minibatch (plate scale x 1/n_spots)
+            sums += torch.stack([loss_full.detach(), loss_hist.detach()]) * len(b)
+            n_seen += len(b)
+        full, hist = (sums / n_seen).tolist()
+        if not (math.isfinite(full) and math.isfinite(hist)):
+            raise FloatingPointError(f"SPARTHA loss is not finite at epoch {epoch}: {diagnose_nonfinite(module, batch)}")
+        record = {"epoch": epoch, "loss": full + module.histology_weight * hist, "loss_full": full, "loss_histology": hist}
+        record.update(classifier_accuracy(module, data, acc_idx, device))
+        if val_idx is not None and len(val_idx):
+            record["val_loss_histology"] = evaluate_loss(module, data, val_idx, config.batch_size, device)
+        history.append(record)
+        bar.set_postfix({k: round(v, 3) for k, v in record.items() if k != "epoch"}, refresh=False)
+        if val_idx is not None and len(val_idx) and config.patience is not None:
+            if record["val_loss_histology"] < best - 1e-4 * abs(best if math.isfinite(best) else 1.0):
+                best, stale = record["val_loss_histology"], 0
+                best_state = copy.deepcopy(module.state_dict())
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    break
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    module.eval()
+    return history
