@@ -1,0 +1,138 @@
+"""Standard MAD-based spot QC: spots are *annotated* pass/fail, never dropped.
+
+The recipe (as in the single-cell best-practices book): per batch, a spot is an outlier when
+any metric lies more than ``nmads`` median absolute deviations (unscaled MAD) from the batch
+median:
+
+- ``log1p_total_counts``      both sides
+- ``log1p_n_genes_by_counts`` both sides
+- ``pct_counts_in_top_20_genes`` both sides
+- ``pct_counts_mt``           upper side only, when genes starting with ``MT-`` exist
+
+The same thresholds are reused by :func:`spartha_pyro.metrics.qcpr` to score generated spots
+against the real spots of their section.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from .._errors import InputError
+
+#: metric name -> which side(s) of the median count as outliers
+QC_METRICS: dict[str, str] = {
+    "log1p_total_counts": "both",
+    "log1p_n_genes_by_counts": "both",
+    "pct_counts_in_top_20_genes": "both",
+    "pct_counts_mt": "upper",
+}
+
+
+def qc_metrics(X, var_names: Sequence[str]) -> pd.DataFrame:
+    """Per-spot QC metrics of a counts matrix.
+
+    Parameters
+    ----------
+    X
+        Counts, shape ``(n_spots, n_genes)``, dense or sparse (CSR preferred).
+    var_names
+        Gene names, length ``n_genes``; ``MT-``/``mt-`` prefixes mark mitochondrial genes.
+
+    Returns
+    -------
+    DataFrame with one row per spot and the columns of :data:`QC_METRICS` (``pct_counts_mt``
+    only when mitochondrial genes exist). Percentages are in [0, 100]; zero-count spots get 0.
+    """
+    X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
+    n_spots, n_genes = X.shape
+    total = np.asarray(X.sum(axis=1)).ravel().astype(np.float64)
+    n_genes_by_counts = np.asarray((X > 0).sum(axis=1)).ravel()
+    top = np.zeros(n_spots)
+    k = min(20, n_genes)
+    for i in range(n_spots):  # rows are short in sparse ST data: a partial sort per row is cheap
+        row = X.data[X.indptr[i] : X.indptr[i + 1]]
+        if row.size:
+            top[i] = np.sort(row)[-k:].sum() if row.size > k else row.sum()
+    safe_total = np.where(total > 0, total, 1.0)
+    out = {
+        "log1p_total_counts": np.log1p(total),
+        "log1p_n_genes_by_counts": np.log1p(n_genes_by_counts.astype(np.float64)),
+        "pct_counts_in_top_20_genes": 100.0 * top / safe_total,
+    }
+    mt = np.array([str(g).upper().startswith("MT-") for g in var_names])
+    if mt.any():
+        out["pct_counts_mt"] = 100.0 * np.asarray(X[:, mt].sum(axis=1)).ravel() / safe_total
+    return pd.DataFrame(out)
+
+
+def mad_reference(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Median and unscaled MAD of each metric column; index = metric, columns = median, mad."""
+    med = metrics.median(axis=0)
+    mad = (metrics - med).abs().median(axis=0)
+    return pd.DataFrame({"median": med, "mad": mad})
+
+
+def qc_outliers(metrics: pd.DataFrame, reference: pd.DataFrame, nmads: float) -> np.ndarray:
+    """Boolean mask of spots failing QC against ``reference`` (from :func:`mad_reference`).
+
+    A metric with MAD 0 flags any value different from the median on its outlier side(s).
+    """
+    fail = np.zeros(len(metrics), dtype=bool)
+    for name, side in QC_METRICS.items():
+        if name not in metrics or name not in reference.index:
+            continue
+        dev = metrics[name].to_numpy() - reference.loc[name, "median"]
+        lim = nmads * reference.loc[name, "mad"]
+        fail |= dev > lim if side == "upper" else np.abs(dev) > lim
+    return fail
+
+
+def annotate_qc(
+    adata: AnnData,
+    batch_key: str | None = None,
+    nmads: float = 5.0,
+    layer: str | None = None,
+    key_added: str = "qc_pass",
+) -> AnnData:
+    """Annotate spots as QC ``"pass"``/``"fail"`` per batch; never drops spots.
+
+    Parameters
+    ----------
+    adata
+        Raw counts in ``adata.X`` (or ``adata.layers[layer]``), spots × genes.
+    batch_key
+        ``obs`` column with the batch/slide; medians and MADs are taken within each batch.
+        ``None`` treats all spots as one batch.
+    nmads
+        Number of MADs beyond which a metric is an outlier (default 5).
+    key_added
+        ``obs`` column receiving the categorical label (categories ``["fail", "pass"]``).
+
+    Returns
+    -------
+    ``adata`` itself, with ``obs[key_added]`` and the QC metrics (``obs["qc_<metric>"]``)
+    added, and ``uns["qc"] = {"nmads": ..., "batch_key": ..., "metrics": [...]}``.
+    """
+    if nmads <= 0:
+        raise InputError(f"nmads must be positive, got {nmads}")
+    X = adata.X if layer is None else adata.layers[layer]
+    if X is None or adata.n_vars == 0:
+        raise InputError("annotate_qc needs counts: adata has no genes")
+    if batch_key is not None and batch_key not in adata.obs:
+        raise InputError(f"batch_key {batch_key!r} is not a column of adata.obs")
+    metrics = qc_metrics(X, adata.var_names)
+    metrics.index = adata.obs_names
+    batches = adata.obs[batch_key].astype(str).to_numpy() if batch_key else np.zeros(adata.n_obs, dtype=str)
+    fail = np.zeros(adata.n_obs, dtype=bool)
+    for b in pd.unique(batches):
+        sel = batches == b
+        fail[sel] = qc_outliers(metrics[sel], mad_reference(metrics[sel]), nmads)
+    for col in metrics:
+        adata.obs[f"qc_{col}"] = metrics[col].to_numpy()
+    adata.obs[key_added] = pd.Categorical(np.where(fail, "fail", "pass"), categories=["fail", "pass"])
+    adata.uns["qc"] = {"nmads": float(nmads), "batch_key": batch_key, "metrics": list(metrics.columns)}
+    return adata
