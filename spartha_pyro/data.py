@@ -150,9 +150,7 @@ def _histology(adata: AnnData, key: str, width: int | None) -> tuple[np.ndarray,
     if key not in adata.obsm:
         raise InputError(f"histology key {key!r} is not in adata.obsm (has {list(adata.obsm)})")
     H = adata.obsm[key]
-    if isinstance(H, pd.DataFrame):
-        if not H.index.equals(adata.obs_names):
-            raise InputError(f"obsm[{key!r}] rows do not line up with adata.obs_names")
+    if isinstance(H, pd.DataFrame):  # AnnData keeps its rows aligned with obs_names
         H = H.to_numpy()
     H = np.asarray(H, dtype=np.float32)
     if H.ndim != 2 or H.shape[0] != adata.n_obs:
