@@ -1,5 +1,17 @@
-"""Evaluation metrics: point accuracy per gene panel, QC pass rate of generated spots,
-disentanglement probes, and benchmark tables."""
+"""Evaluation metrics: point accuracy per gene panel, calibration and proper scores of
+predictive distributions, QC pass rate of generated spots, disentanglement probes, and
+benchmark tables."""
+from .calibration import (
+    COVERAGE_LEVELS,
+    calibration_records,
+    crps,
+    interval_coverage,
+    nb_log_prob,
+    nll,
+    pit,
+    pit_histogram,
+    reliability,
+)
 from .disentanglement import probe_matrix, silhouette_matrix
 from .normalize import normalize_log1p
 from .panels import hvg_panel
@@ -8,19 +20,28 @@ from .regression import REGRESSION_METRICS, mae, mse, pcc_gene, pcc_spot, r2, r2
 from .report import format_table, summarize
 
 __all__ = [
+    "COVERAGE_LEVELS",
     "REGRESSION_METRICS",
+    "calibration_records",
+    "crps",
     "format_table",
     "hvg_panel",
+    "interval_coverage",
     "mae",
     "mse",
+    "nb_log_prob",
+    "nll",
     "normalize_log1p",
     "pcc_gene",
     "pcc_spot",
+    "pit",
+    "pit_histogram",
     "probe_matrix",
     "qcpr",
     "r2",
     "r2_pooled",
     "regression_metrics",
+    "reliability",
     "silhouette_matrix",
     "summarize",
 ]
