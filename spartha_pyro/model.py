@@ -218,6 +218,19 @@ class SPARTHA:
         return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
     # ------------------------------------------------------------------ inference
+    @property
+    def dispersion(self) -> np.ndarray:
+        """NB inverse dispersion ``theta = exp(log_theta)`` per gene, float64 ``(n_genes,)``.
+
+        Count variance given the NB mean ``mu`` is ``mu + mu^2 / theta``. With the NB means
+        of :meth:`predict_expression` (``value="mean"``) it gives the predictive density
+        (:func:`spartha_pyro.metrics.nll`). ZINB models raise: their predictive also needs
+        the zero-inflation gate per draw, which the model does not expose.
+        """
+        if self.init_kwargs["likelihood"] != "nb":
+            raise InputError("dispersion (and the NB predictive density) is defined for likelihood='nb' only")
+        return self.module.model.log_theta.detach().double().exp().cpu().numpy()
+
     def _encode(self, adata: AnnData | None) -> SpotArrays:
         return self._data if adata is None else encode_adata(adata, self.registry)
 
