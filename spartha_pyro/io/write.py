@@ -1,0 +1,53 @@
+"""Atomic writers: a reader never sees a half-written output file."""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from anndata import AnnData
+
+
+@contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; rename it onto ``target`` on success.
+
+    Parameters
+    ----------
+    target
+        Final file path; its folder is created when missing.
+
+    Yields
+    ------
+    A path in the same folder (same suffix) to write to. It is removed if the block raises.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_h5ad(adata: AnnData, path: str | os.PathLike) -> Path:
+    """Write ``adata`` to ``path`` atomically (temporary file, then rename).
+
+    Parameters
+    ----------
+    adata
+        The AnnData to write.
+    path
+        Destination ``.h5ad`` file.
+
+    Returns
+    -------
+    The destination path.
+    """
+    with atomic_path(path) as tmp:
+        adata.write_h5ad(tmp)
+    return Path(path)

@@ -1,0 +1,64 @@
+"""The preparation recipe shared by ``spartha prepare`` and ``examples/prepare_her2st.py``."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from anndata import AnnData
+
+from .features import histology_features
+from .qc import annotate_qc
+
+
+def prepare(
+    adata: AnnData,
+    batch_key: str | None = "slide",
+    nmads: Sequence[float] = (3, 4, 5),
+    qc_nmads: float = 5.0,
+    extractor: str | Sequence[str] | None = ("efficientnet_lite0", "stats"),
+    neighbors: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+) -> AnnData:
+    """Annotate QC (never dropping spots) and compute histology features, in place.
+
+    Parameters
+    ----------
+    adata
+        Raw counts in ``X``; for features, ``obsm["spatial"]`` and the image metadata that
+        :func:`~spartha_pyro.datasets.read_her2st` / :func:`~spartha_pyro.io.read_visium` record.
+    batch_key
+        ``obs`` column of the section/batch (QC medians and MADs are taken per batch);
+        ignored when absent from ``obs``.
+    nmads
+        MAD multiples to annotate: each ``k`` other than ``qc_nmads`` goes to
+        ``obs[f"qc_pass_{k:g}mad"]``.
+    qc_nmads
+        The standard threshold, written to ``obs["qc_pass"]`` (the model's QC label).
+    extractor
+        Histology extractor(s) for :func:`~spartha_pyro.pp.histology_features`; ``None``
+        keeps an existing ``obsm["histology"]`` (e.g. simulated or precomputed vectors).
+        Features are computed only when some spot has an image (``obs["has_image"]``).
+    neighbors
+        Append the grid-neighbour mean of the features.
+    device
+        Torch device of the extractor (default CUDA when available).
+    progress
+        Show the extractor's progress bar.
+
+    Returns
+    -------
+    ``adata`` itself with ``obs["qc_pass"]``, the extra ``qc_pass_<k>mad`` columns and,
+    when computed, ``obsm["histology"]``. Without images and without an existing
+    ``obsm["histology"]`` the result serves QC and expression-only use, not training.
+    """
+    if batch_key is not None and batch_key not in adata.obs:
+        batch_key = None
+    for k in nmads:
+        if k != qc_nmads:
+            annotate_qc(adata, batch_key=batch_key, nmads=k, key_added=f"qc_pass_{k:g}mad")
+    annotate_qc(adata, batch_key=batch_key, nmads=qc_nmads)  # last, so uns["qc"] records the standard
+    has_image = adata.obs["has_image"].astype(bool).any() if "has_image" in adata.obs else False
+    if extractor is not None and has_image:
+        histology_features(adata, extractor=extractor, neighbors=neighbors, device=device, progress=progress,
+                           library_key=batch_key or "slide")
+    return adata
