@@ -114,13 +114,18 @@ class SPARTHA:
     def _build_module(self, n_spots: int) -> SparthaModule:
         r, data = self.registry, self._data
         kw = dict(self.init_kwargs)
+        if data is None:  # loaded for prediction only: the saved state restores the class weights
+            no_codes = np.empty(0, dtype=np.int64)
+            labels, batch, qc = np.empty((0, len(r.label_keys)), dtype=np.int64), no_codes, no_codes
+        else:
+            labels, batch, qc = data.labels, data.batch, data.qc
         return SparthaModule(
             n_spots=n_spots,
             n_genes=len(r.genes),
             histology_dim=r.histology_dim,
-            label_class_counts=[class_counts(data.labels[:, k], len(c)) for k, c in enumerate(r.label_categories)],
-            batch_class_counts=class_counts(data.batch, len(r.batch_categories)),
-            qc_class_counts=class_counts(data.qc, len(QC_CODES)),
+            label_class_counts=[class_counts(labels[:, k], len(c)) for k, c in enumerate(r.label_categories)],
+            batch_class_counts=class_counts(batch, len(r.batch_categories)),
+            qc_class_counts=class_counts(qc, len(QC_CODES)),
             aux_weights=kw.pop("aux_weights"),
             histology_weight=kw.pop("histology_weight"),
             histology_encoder=kw.pop("histology_encoder"),
@@ -132,7 +137,7 @@ class SPARTHA:
         r = self.registry
         kind = "SPARTHA" if self.init_kwargs["artifact_latent"] else "SPARTHA(artifact_latent=False) [SpatialDIVA]"
         return (
-            f"{kind}: {self._data.n} spots × {len(r.genes)} genes, histology {r.histology_dim}-d, "
+            f"{kind}: {self._data.n if self._data is not None else 'no training'} spots × {len(r.genes)} genes, histology {r.histology_dim}-d, "
             f"labels {r.label_keys}, batch {r.batch_key!r}, qc {r.qc_key!r}, latents {self.module.model.dims}, "
             f"trained={self.is_trained}"
         )
@@ -183,6 +188,8 @@ class SPARTHA:
         """
         if max_epochs < 1 or batch_size < 1:
             raise InputError("max_epochs and batch_size must be positive")
+        if self._data is None:
+            raise InputError("this model was loaded without its training AnnData; pass adata to SPARTHA.load to train")
         train_idx, val_idx = self._split(validation, seed)
         self.device = resolve_device(device)
         self.module.configure(n_spots=len(train_idx), jit=False)
@@ -232,6 +239,8 @@ class SPARTHA:
         return self.module.model.log_theta.detach().double().exp().cpu().numpy()
 
     def _encode(self, adata: AnnData | None) -> SpotArrays:
+        if adata is None and self._data is None:
+            raise InputError("this model was loaded without its training AnnData: pass adata")
         return self._data if adata is None else encode_adata(adata, self.registry)
 
     @torch.no_grad()
@@ -400,8 +409,24 @@ class SPARTHA:
         _atomic_write(path / "settings.json", lambda f: f.write(json.dumps(settings, indent=1).encode()))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, adata: AnnData, device: str | torch.device | None = "cpu") -> "SPARTHA":
-        """Load a saved model; ``adata`` must hold the training genes (order may differ)."""
+    def load(cls, path: str | os.PathLike, adata: AnnData | None = None, device: str | torch.device | None = "cpu") -> "SPARTHA":
+        """Load a saved model.
+
+        Parameters
+        ----------
+        path
+            Folder written by :meth:`save`.
+        adata
+            Training spots holding the training genes (order may differ): needed to train
+            further or to embed them with ``get_latent()``. ``None`` loads for prediction
+            only: :meth:`predict_expression` and ``get_latent(new_adata)`` work.
+        device
+            Device of later inference (``"auto"``, ``"cpu"``, ``"cuda"``…).
+
+        Returns
+        -------
+        The loaded model.
+        """
         path = Path(path)
         try:
             settings = json.loads((path / "settings.json").read_text())
@@ -415,7 +440,7 @@ class SPARTHA:
         self = cls.__new__(cls)
         self.registry, self.init_kwargs = reg, settings["init_kwargs"]
         self.adata = adata
-        self._data = encode_adata(adata, reg, require_counts=True)
+        self._data = encode_adata(adata, reg, require_counts=True) if adata is not None else None
         self.module = self._build_module(settings["n_train_spots"])
         try:
             state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
