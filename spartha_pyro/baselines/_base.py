@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from sklearn.model_selection import GroupKFold, KFold
 
 from .._errors import InputError
 from ..metrics.normalize import normalize_log1p
@@ -48,3 +49,24 @@ def histology(adata: AnnData, key: str, width: int | None = None) -> np.ndarray:
     if not np.isfinite(x).all():
         raise InputError(f"adata.obsm[{key!r}] holds NaN or infinite values")
     return x
+
+
+def cv_folds(adata: AnnData, n_splits: int, group_key: str | None, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(train, validation)`` spot indices of cross-validation folds over ``adata``.
+
+    Shuffled ``KFold`` when ``group_key`` is ``None``; otherwise ``GroupKFold`` keeping each
+    group of ``obs[group_key]`` (e.g. a slide) in one fold, ``n_splits`` capped at the
+    number of groups.
+    """
+    n = adata.n_obs
+    if group_key is None:
+        if n < 2 * n_splits:
+            raise InputError(f"too few spots ({n}) for {n_splits}-fold cross-validation")
+        return list(KFold(n_splits, shuffle=True, random_state=seed).split(np.zeros(n)))
+    if group_key not in adata.obs:
+        raise InputError(f"group_key {group_key!r} is not a column of adata.obs")
+    groups = adata.obs[group_key].astype(str).to_numpy()
+    n_groups = len(np.unique(groups))
+    if n_groups < 2:
+        raise InputError(f"group_key {group_key!r} has a single group: cannot hold one out")
+    return list(GroupKFold(min(n_splits, n_groups)).split(np.zeros(n), groups=groups))

@@ -6,10 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 from anndata import AnnData
-from sklearn.model_selection import GroupKFold, KFold
 
 from .._errors import InputError
-from ._base import PointPredictor, histology
+from ._base import PointPredictor, cv_folds, histology
 
 
 def _fold_sse(
@@ -72,20 +71,6 @@ class RidgePredictor(PointPredictor):
         self.n_splits = n_splits
         self.seed = seed
 
-    def _folds(self, adata: AnnData) -> list[tuple[np.ndarray, np.ndarray]]:
-        n = adata.n_obs
-        if self.group_key is None:
-            if n < 2 * self.n_splits:
-                raise InputError(f"too few spots ({n}) for {self.n_splits}-fold cross-validation")
-            return list(KFold(self.n_splits, shuffle=True, random_state=self.seed).split(np.zeros(n)))
-        if self.group_key not in adata.obs:
-            raise InputError(f"group_key {self.group_key!r} is not a column of adata.obs")
-        groups = adata.obs[self.group_key].astype(str).to_numpy()
-        n_groups = len(np.unique(groups))
-        if n_groups < 2:
-            raise InputError(f"group_key {self.group_key!r} has a single group: cannot hold one out")
-        return list(GroupKFold(min(self.n_splits, n_groups)).split(np.zeros(n), groups=groups))
-
     def fit(self, adata: AnnData, layer: str | None = None) -> RidgePredictor:
         """Choose the penalty by cross-validation, then fit on all training spots.
 
@@ -110,7 +95,7 @@ class RidgePredictor(PointPredictor):
         x = (x - self.x_mean_) / self.x_scale_
 
         sse = np.zeros_like(self.alphas)
-        for tr, va in self._folds(adata):
+        for tr, va in cv_folds(adata, self.n_splits, self.group_key, self.seed):
             sse += _fold_sse(x[tr], y[tr], x[va], y[va], self.alphas)
         self.cv_mse_ = sse / y.size
         best = int(np.argmin(self.cv_mse_))
