@@ -156,13 +156,19 @@ def run(n_spots: int = 2000, n_genes: int = 1000, epochs: int = 60, num_samples:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line of the demo (``python -m spartha_pyro.demo`` / ``spartha demo``)."""
+    """Command line of the demo (``python -m spartha_pyro.demo``; ``spartha demo`` is the same)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    records = run(args.n_spots, args.n_genes, args.epochs, args.num_samples, args.seed, args.device)
+    report(parser.parse_args(argv))
+
+
+def report(args: argparse.Namespace) -> list[dict]:
+    """Run the demo with parsed :func:`add_arguments` options and print the table; returns the records."""
+    records = run(args.n_spots, args.n_genes, args.epochs, args.num_samples, args.seed, args.device,
+                  progress=getattr(args, "progress", True))
     print()
     print(metrics.format_table(records, methods=["spartha", "spatialdiva", "ridge", "mean"]))
+    return records
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

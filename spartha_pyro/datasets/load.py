@@ -75,6 +75,8 @@ def load(
     """
     if kind not in KINDS:
         raise InputError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not Path(path).exists():
+        raise InputError(f"input {str(path)!r} does not exist")
     kind = detect_kind(path) if kind == "auto" else kind
     if kind == "her2st":
         return read_her2st(path, sections=sections)

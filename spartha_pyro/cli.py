@@ -1,0 +1,419 @@
+"""``spartha``: prepare data, train, predict from histology, evaluate, run the demo.
+
+Each subcommand is a thin layer over the Python API (no second implementation):
+
+- ``spartha prepare``  -> :func:`spartha_pyro.datasets.load` + :func:`spartha_pyro.pp.prepare`
+- ``spartha train``    -> :class:`spartha_pyro.SPARTHA` + ``.train()`` + ``.save()``
+- ``spartha predict``  -> :meth:`SPARTHA.load` + ``.predict_expression()`` +
+  :func:`spartha_pyro.predictions.summarize_samples` / :func:`~spartha_pyro.predictions.write_samples`
+- ``spartha evaluate`` -> :func:`spartha_pyro.demo.score` (regression metrics, QCPR) +
+  :func:`spartha_pyro.metrics.format_table`
+- ``spartha demo``     -> :func:`spartha_pyro.demo.report`
+
+Options can also come from a TOML or YAML file (``--config``): top-level keys apply to
+every subcommand, a table named after the subcommand (``[train]``) to that one only; keys
+are the long option names (``max-epochs`` or ``max_epochs``). Flags on the command line
+override the file. Exit codes: 0 success, 2 bad usage or input, 1 any other failure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ._errors import InputError
+
+#: exit codes
+OK, FAILURE, BAD_INPUT = 0, 1, 2
+
+DESCRIPTION = """SPARTHA: spatial gene expression from histology, with QC-failed spots kept and
+artifacts modelled by their own latent.
+
+  spartha prepare her2st/ -o data.h5ad              read, annotate QC, histology features
+  spartha train data.h5ad -o model/ --sections B4 C2 C3 C4 --label-keys cluster
+  spartha predict model/ data.h5ad --sections C5 -o pred.h5ad --samples draws.nc
+  spartha evaluate pred.h5ad data.h5ad --samples draws.nc --json metrics.json
+  spartha demo                                      the simulated main job
+
+Every subcommand has --help. Options can come from a TOML/YAML file (--config): top-level
+keys apply to every subcommand, a table named after the subcommand ([train]) to that one;
+keys are the long option names. Command-line flags override the file.
+Exit codes: 0 success, 2 bad usage or input, 1 any other failure."""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults and keep the description's line breaks."""
+
+
+def _none_or_str(value: str) -> str | None:
+    return None if value.lower() == "none" else value
+
+
+def _validation(values: Sequence[str] | None) -> float | list[str] | None:
+    """``["0.1"]`` -> 0.1 (a random fraction); section names -> the list; nothing -> None."""
+    if not values:
+        return None
+    if len(values) == 1:
+        try:
+            return float(values[0])
+        except ValueError:
+            pass
+    return list(values)
+
+
+def _aux_weights(items: Sequence[str] | None) -> dict[str, float]:
+    """``["y=50", "r=10"]`` -> ``{"y": 50.0, "r": 10.0}``."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("y", "d", "r"):
+            raise InputError(f"--aux-weights takes y=W, d=W or r=W, got {item!r}")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise InputError(f"--aux-weights {item!r}: {value!r} is not a number") from None
+    return out
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_prepare(args: argparse.Namespace) -> None:
+    """Read the input, annotate QC, compute histology features, write the ``.h5ad``."""
+    from . import datasets, io, pl, pp
+
+    adata = datasets.load(args.input, kind=args.kind, sections=args.sections, source_image_path=args.source_image)
+    print(f"read {adata.n_obs} spots × {adata.n_vars} genes from {args.input}")
+    extractor = None if [e.lower() for e in args.extractor] == ["none"] else args.extractor
+    pp.prepare(adata, batch_key=args.batch_key, nmads=args.nmads, qc_nmads=args.qc_nmads, extractor=extractor,
+               neighbors=args.neighbors, device=args.device, progress=args.progress)
+    if args.batch_key in adata.obs:
+        print(pl.qc_summary(adata, batch_key=args.batch_key, nmads=args.nmads).to_string(float_format="%.3f"))
+    if "histology" in adata.obsm:
+        print(f"histology: {adata.obsm['histology'].shape[1]} features per spot")
+    else:
+        print("note: no images and no obsm['histology']: this file can be used for QC, not for training")
+    io.write_h5ad(adata, args.out)
+    print(f"wrote {args.out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train SPARTHA on a prepared ``.h5ad`` and save it to a folder."""
+    from . import SPARTHA, datasets
+
+    if (Path(args.out) / "model.pt").exists() and not args.overwrite:
+        raise InputError(f"{args.out} already holds a saved model; pass --overwrite to replace it")
+    adata = datasets.load(args.input, kind="h5ad", sections=args.sections)
+    model = SPARTHA(
+        adata, histology_key=args.histology_key, label_keys=args.label_keys or [], batch_key=args.batch_key,
+        qc_key=args.qc_key, layer=args.layer, artifact_latent=args.artifact_latent, likelihood=args.likelihood,
+        y_dim=args.y_dim, d_dim=args.d_dim, r_dim=args.r_dim, x_dim=args.x_dim, hidden=args.hidden,
+        aux_weights=_aux_weights(args.aux_weights), histology_weight=args.histology_weight,
+        histology_encoder=args.histology_encoder, histology_dropout=args.histology_dropout,
+    )
+    print(model)
+    history = model.train(
+        max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, validation=_validation(args.validation),
+        patience=args.patience, device=args.device, seed=args.seed, jit=args.jit, progress=args.progress,
+    )
+    model.save(args.out, overwrite=args.overwrite)
+    last = history[-1]
+    print(f"trained {len(history)} epochs (final loss {last['loss']:.4f}); saved to {args.out}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    """Predict expression from histology with a saved model; write summaries (and draws)."""
+    from . import SPARTHA, datasets, io, predictions
+
+    adata = datasets.load(args.input, kind="h5ad", sections=args.sections)
+    model = SPARTHA.load(args.model, device=args.device)
+    print(f"predicting {adata.n_obs} spots × {len(model.registry.genes)} genes, {args.num_samples} draws each")
+    samples = model.predict_expression(adata, num_samples=args.num_samples, artifact=args.artifact,
+                                       batch_size=args.batch_size, seed=args.seed)
+    out = predictions.summarize_samples(samples, obs=adata.obs, quantiles=args.quantiles)
+    for key in ("spatial", model.registry.histology_key):
+        if key in adata.obsm:
+            out.obsm[key] = np.asarray(adata.obsm[key])
+    if "spatial" in adata.uns:
+        out.uns["spatial"] = adata.uns["spatial"]
+    io.write_h5ad(out, args.out)
+    print(f"wrote {args.out}: X = posterior mean of log1p(counts per 10k); layers {list(out.layers)}")
+    if args.samples:
+        predictions.write_samples(samples, args.samples)
+        print(f"wrote {args.samples}: {samples.sizes['sample']} draws (sample, spot, gene)")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Score predictions against observed counts; print the table, optionally write JSON."""
+    import anndata as ad
+
+    from . import datasets, demo, metrics, predictions
+
+    try:
+        pred = ad.read_h5ad(args.predictions)
+    except (OSError, KeyError) as err:
+        raise InputError(f"{args.predictions!r} cannot be read as .h5ad: {err}") from None
+    observed = datasets.load(args.observed, kind="h5ad")
+    missing_spots = pred.obs_names.difference(observed.obs_names)
+    missing_genes = pred.var_names.difference(observed.var_names)
+    if len(missing_spots) or len(missing_genes):
+        raise InputError(
+            f"the observed data lack {len(missing_spots)} predicted spots (e.g. {list(missing_spots[:3])}) and "
+            f"{len(missing_genes)} predicted genes (e.g. {list(missing_genes[:3])})"
+        )
+    observed = observed[pred.obs_names, pred.var_names].copy()
+    panels: dict[str, object] = {"all": None}
+    for file in args.panel or ():
+        genes = [g.strip() for g in Path(file).read_text().split() if g.strip()]
+        panels[Path(file).stem] = [g for g in genes if g in set(pred.var_names)]
+    samples = None
+    if args.samples:
+        samples = predictions.read_samples(args.samples).sel(spot=list(pred.obs_names), gene=list(pred.var_names))
+    records = demo.score(args.method, np.asarray(pred.X), observed, panels,
+                         samples.values if samples is not None else None, seed=args.seed)
+    print(metrics.format_table(records, panels=list(panels)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=1, default=float))
+        print(f"wrote {args.json}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """The simulated main job (same as ``python -m spartha_pyro.demo``)."""
+    from . import demo
+
+    demo.report(args)
+
+
+# ---------------------------------------------------------------------------- parser
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML or YAML file with options (flags override it)")
+    p.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", formatter_class=_Formatter, help="read data, annotate QC, compute histology features",
+                       description=cmd_prepare.__doc__ + "\n\nQC never drops spots: it labels them pass/fail.")
+    p.add_argument("input", help="her2st folder, Space Ranger outs/ folder or .h5ad file")
+    p.add_argument("-o", "--out", required=True, help="output .h5ad")
+    p.add_argument("--kind", default="auto", choices=["auto", "her2st", "visium", "h5ad"], help="input kind")
+    p.add_argument("--sections", nargs="+", help="sections to read (her2st) or keep (h5ad obs['slide']); default all")
+    p.add_argument("--source-image", help="Visium: full-resolution H&E given to Space Ranger")
+    p.add_argument("--batch-key", default="slide", help="obs column of the section: QC statistics per section")
+    p.add_argument("--nmads", type=float, nargs="+", default=[3.0, 4.0, 5.0],
+                   help="MAD thresholds annotated (obs['qc_pass_<k>mad'])")
+    p.add_argument("--qc-nmads", type=float, default=5.0, help="threshold of obs['qc_pass'], the model's QC label")
+    p.add_argument("--extractor", nargs="+", default=["efficientnet_lite0", "stats"],
+                   help="histology extractor(s): efficientnet_lite0, resnet50, stats; 'none' keeps obsm['histology']")
+    p.add_argument("--neighbors", action="store_true", help="append the mean features of grid neighbours")
+    p.add_argument("--device", default=None, help="torch device of the extractor (default CUDA when available)")
+    _common(p)
+    p.set_defaults(func=cmd_prepare)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", formatter_class=_Formatter, help="train SPARTHA on a prepared .h5ad",
+                       description=cmd_train.__doc__ + "\n\nOptions mirror SPARTHA(...) and SPARTHA.train(...).")
+    p.add_argument("input", help="prepared .h5ad: raw counts in X, obsm['histology'], obs['qc_pass']")
+    p.add_argument("-o", "--out", required=True, help="model folder (model.pt + settings.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already saved in --out")
+    p.add_argument("--sections", nargs="+", help="train on these obs['slide'] sections only (default all)")
+    g = p.add_argument_group("data keys")
+    g.add_argument("--histology-key", default="histology", help="obsm key of the histology vectors")
+    g.add_argument("--label-keys", nargs="*", default=[], help="obs columns of biological labels (one Z_y each)")
+    g.add_argument("--batch-key", type=_none_or_str, default="slide", help="obs column of the batch/slide ('none': one batch)")
+    g.add_argument("--qc-key", type=_none_or_str, default="qc_pass", help="obs column of QC pass/fail")
+    g.add_argument("--layer", default=None, help="layer with raw counts (default X)")
+    g = p.add_argument_group("model")
+    g.add_argument("--no-artifact-latent", dest="artifact_latent", action="store_false",
+                   help="drop the artifact latent Z_r: the SpatialDIVA ablation")
+    g.add_argument("--likelihood", default="nb", choices=["nb", "zinb"], help="count likelihood")
+    g.add_argument("--y-dim", type=int, default=16, help="width of each label latent Z_y")
+    g.add_argument("--d-dim", type=int, default=8, help="width of the batch latent Z_d")
+    g.add_argument("--r-dim", type=int, default=8, help="width of the artifact latent Z_r")
+    g.add_argument("--x-dim", type=int, default=8, help="width of the free residual Z_x (0 drops it)")
+    g.add_argument("--hidden", type=int, default=256, help="hidden width of decoder and encoders")
+    g.add_argument("--aux-weights", nargs="*", metavar="K=W", help="classifier weights, e.g. y=50 d=50 r=50")
+    g.add_argument("--histology-weight", type=float, default=1.0, help="weight of the histology-only ELBO")
+    g.add_argument("--histology-encoder", default="mlp", choices=["mlp", "linear"], help="histology-only encoder")
+    g.add_argument("--histology-dropout", type=float, default=0.2, help="input dropout of the histology encoder")
+    g = p.add_argument_group("training")
+    g.add_argument("--max-epochs", type=int, default=100, help="maximum passes over the spots")
+    g.add_argument("--batch-size", type=int, default=256, help="spots per minibatch")
+    g.add_argument("--lr", type=float, default=1e-3, help="ClippedAdam learning rate")
+    g.add_argument("--validation", nargs="+",
+                   help="early stopping on a fraction of spots (e.g. 0.1) or on whole sections (e.g. C4)")
+    g.add_argument("--patience", type=int, default=20, help="epochs without validation improvement before stopping")
+    g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1…")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, minibatches and sampling")
+    g.add_argument("--jit", action="store_true", help="JitTrace_ELBO (full minibatches only)")
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", formatter_class=_Formatter, help="predict expression from histology",
+                       description=cmd_predict.__doc__
+                       + "\n\nX = posterior mean of log1p(counts per 10,000); layers sd, q05/q50/q95 (same space) "
+                       "and counts_mean. Counts in the input are ignored: only histology is used.")
+    p.add_argument("model", help="model folder written by 'spartha train'")
+    p.add_argument("input", help=".h5ad with obsm['histology'] (counts not needed)")
+    p.add_argument("-o", "--out", required=True, help="output .h5ad of predictions")
+    p.add_argument("--samples", help="also write every draw to this NetCDF (.nc) file")
+    p.add_argument("--sections", nargs="+", help="predict these obs['slide'] sections only (default all)")
+    p.add_argument("--num-samples", type=int, default=20, help="posterior predictive draws per spot")
+    p.add_argument("--artifact", default="pass", choices=["pass", "posterior"],
+                   help="pass: artifact-free generation (Z_r from p(Z_r | pass)); posterior: Z_r from q(Z_r | X_h)")
+    p.add_argument("--quantiles", type=float, nargs="*", default=[0.05, 0.5, 0.95], help="quantile layers to write")
+    p.add_argument("--batch-size", type=int, default=256, help="spots per prediction batch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda…")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    _common(p)
+    p.set_defaults(func=cmd_predict)
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", formatter_class=_Formatter, help="score predictions against observed counts",
+                       description=cmd_evaluate.__doc__
+                       + "\n\nPCC per gene / per spot, R², MAE, MSE on log1p(counts per 10,000); QCPR at 3/4/5 MADs "
+                       "when --samples is given.")
+    p.add_argument("predictions", help=".h5ad written by 'spartha predict'")
+    p.add_argument("observed", help=".h5ad with the observed raw counts of the same spots")
+    p.add_argument("--samples", help="NetCDF of draws from 'spartha predict --samples' (enables QCPR)")
+    p.add_argument("--panel", nargs="*", help="text files of gene names, one extra panel each (named by the file)")
+    p.add_argument("--method", default="spartha", help="row name in the table")
+    p.add_argument("--seed", type=int, default=0, help="seed recorded with the metrics")
+    p.add_argument("--json", help="write the metric records to this JSON file")
+    _common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _add_demo(sub) -> None:
+    from .demo import __doc__ as demo_doc
+    from .demo import add_arguments
+
+    p = sub.add_parser("demo", formatter_class=_Formatter, help="the simulated main job: SPARTHA vs baselines",
+                       description=demo_doc)
+    add_arguments(p)
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``spartha`` argument parser with its five subcommands."""
+    parser = argparse.ArgumentParser(prog="spartha", description=DESCRIPTION, formatter_class=_Formatter)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"spartha-pyro {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,predict,evaluate,demo}")
+    for add in (_add_prepare, _add_train, _add_predict, _add_evaluate, _add_demo):
+        add(sub)
+    return parser
+
+
+def read_config(path: Path, command: str) -> dict:
+    """Options for ``command`` from a TOML/YAML file: top-level keys, then the ``[command]`` table.
+
+    Parameters
+    ----------
+    path
+        ``.toml``, ``.yaml`` or ``.yml`` file.
+    command
+        Subcommand name.
+
+    Returns
+    -------
+    ``{dest: value}`` with dashes in keys turned into underscores.
+    """
+    if not path.is_file():
+        raise InputError(f"config file {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(path.read_text())
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(path.read_text()) or {}
+        else:
+            raise InputError(f"config file must be .toml, .yaml or .yml, got {str(path)!r}")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"config file {str(path)!r} is not valid: {err}") from None
+    except ImportError:
+        raise InputError("YAML config files need PyYAML (pip install pyyaml); TOML needs nothing") from None
+    except Exception as err:  # yaml.YAMLError without importing yaml up front
+        if type(err).__module__.startswith("yaml"):
+            raise InputError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        raise
+    if not isinstance(data, dict):
+        raise InputError(f"config file {str(path)!r} must hold a mapping of options")
+    commands = {"prepare", "train", "predict", "evaluate", "demo"}
+    options = {k: v for k, v in data.items() if k not in commands}
+    section = data.get(command) or {}
+    if not isinstance(section, dict):
+        raise InputError(f"[{command}] in {str(path)!r} must be a table of options")
+    options.update(section)
+    return {k.replace("-", "_"): v for k, v in options.items()}
+
+
+def _apply_config(parser: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> argparse.Namespace:
+    """Re-parse ``argv`` with the config file's values as the subcommand's defaults."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    config = read_config(args.config, args.command)
+    options = {a.dest: a for a in sub._actions if a.option_strings and a.dest not in ("help", "config")}
+    unknown = sorted(set(config) - set(options))
+    if unknown:
+        raise InputError(f"unknown option(s) {unknown} for 'spartha {args.command}' in {str(args.config)!r} "
+                         f"(positional arguments go on the command line); known: {sorted(options)}")
+    for dest in config:
+        options[dest].required = False  # the file satisfies a required option such as --out
+    sub.set_defaults(**config)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``spartha`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    Parameters
+    ----------
+    argv
+        Command-line arguments without the program name.
+
+    Returns
+    -------
+    0 on success, 2 for bad usage or input (:class:`~spartha_pyro.InputError`, an existing
+    output), 1 for any other failure.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version (0) or a usage error (2)
+        return int(exit_.code or 0)
+    try:
+        if args.config is not None:
+            args = _apply_config(parser, argv, args)
+        args.func(args)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    except (InputError, FileExistsError, FileNotFoundError) as err:
+        if args.debug:
+            raise
+        print(f"spartha {args.command}: error: {err}", file=sys.stderr)
+        return BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"spartha {args.command}: interrupted", file=sys.stderr)
+        return FAILURE
+    except Exception as err:
+        if args.debug:
+            raise
+        print(f"spartha {args.command}: failed: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return FAILURE
+    return OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
