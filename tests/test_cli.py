@@ -1,0 +1,129 @@
+"""The ``spartha`` command line on a tiny simulated data set: outputs and exit codes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+import spartha_pyro as sp
+from spartha_pyro import demo, predictions
+from spartha_pyro.cli import main
+
+TINY_TRAIN = ["--max-epochs", "2", "--hidden", "16", "--y-dim", "4", "--d-dim", "2", "--r-dim", "2", "--x-dim", "2",
+              "--batch-size", "64", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A folder with ``sim.h5ad``: 180 simulated spots, 40 genes, 3 slides, no QC yet."""
+    path = tmp_path_factory.mktemp("cli")
+    sp.datasets.simulate(n_spots=180, n_genes=40, histology_dim=8, seed=0).write_h5ad(path / "sim.h5ad")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline(workdir: Path) -> Path:
+    """prepare -> train (options partly from a TOML config) -> predict -> evaluate, in process."""
+    d = workdir
+    assert main(["prepare", str(d / "sim.h5ad"), "-o", str(d / "prep.h5ad"), "--extractor", "none", "--quiet"]) == 0
+    (d / "train.toml").write_text('quiet = true\n[train]\nlabel-keys = ["cell_type"]\nsections = ["slide0", "slide1"]\n'
+                                  f'out = "{d / "model"}"\n')
+    assert main(["train", str(d / "prep.h5ad"), "--config", str(d / "train.toml"), *TINY_TRAIN]) == 0
+    assert main(["predict", str(d / "model"), str(d / "prep.h5ad"), "--sections", "slide2", "-o", str(d / "pred.h5ad"),
+                 "--samples", str(d / "draws.nc"), "--num-samples", "5", "--quiet"]) == 0
+    assert main(["evaluate", str(d / "pred.h5ad"), str(d / "prep.h5ad"), "--samples", str(d / "draws.nc"),
+                 "--json", str(d / "metrics.json")]) == 0
+    return d
+
+
+def test_prepare_annotates_qc_without_dropping(pipeline: Path):
+    prep = ad.read_h5ad(pipeline / "prep.h5ad")
+    assert prep.n_obs == 180
+    assert {"qc_pass", "qc_pass_3mad", "qc_pass_4mad"} <= set(prep.obs)
+    assert set(prep.obs["qc_pass"].astype(str)) <= {"pass", "fail"}
+
+
+def test_train_uses_config_and_saves(pipeline: Path):
+    model = sp.SPARTHA.load(pipeline / "model")
+    assert model.registry.label_keys == ["cell_type"]
+    assert model.registry.batch_categories == ["slide0", "slide1"]  # --sections from the config
+    assert model.module.model.dims["z_y0"] == 4  # command-line flag
+    assert len(model.history) == 2
+
+
+def test_predict_writes_layers_and_draws(pipeline: Path, capsys):
+    pred = ad.read_h5ad(pipeline / "pred.h5ad")
+    assert pred.n_obs == 60 and pred.n_vars == 40
+    assert {"sd", "q05", "q50", "q95", "counts_mean"} <= set(pred.layers)
+    assert np.all(pred.layers["q05"] <= pred.layers["q95"] + 1e-6)
+    assert "spatial" in pred.obsm
+    draws = predictions.read_samples(pipeline / "draws.nc")
+    assert draws.dims == ("sample", "spot", "gene") and draws.shape == (5, 60, 40)
+    np.testing.assert_allclose(pred.X, sp.metrics.normalize_log1p(draws.values).mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_writes_metrics(pipeline: Path):
+    records = json.loads((pipeline / "metrics.json").read_text())
+    metrics = {r["metric"] for r in records}
+    assert {"pcc_gene", "pcc_spot", "mae", "mse", "qcpr5"} <= metrics
+    assert all(r["section"] == "slide2" for r in records)
+
+
+def test_yaml_config_and_flags_override(pipeline: Path):
+    d = pipeline
+    (d / "predict.yaml").write_text(f"predict:\n  num-samples: 7\n  out: {d / 'pred_yaml.h5ad'}\n  quiet: true\n")
+    code = main(["predict", str(d / "model"), str(d / "prep.h5ad"), "--config", str(d / "predict.yaml"),
+                 "--sections", "slide2", "--num-samples", "3"])
+    assert code == 0
+    assert ad.read_h5ad(d / "pred_yaml.h5ad").uns["prediction"]["num_samples"] == 3
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "missing.h5ad", "-o", "m"],  # input does not exist
+        ["train"],  # usage: no input, no --out
+        ["predict", "no-model-here", "{d}/prep.h5ad", "-o", "{d}/x.h5ad"],  # not a model folder
+        ["train", "{d}/prep.h5ad", "-o", "{d}/model"],  # model exists, no --overwrite
+        ["train", "{d}/prep.h5ad", "-o", "{d}/m2", "--label-keys", "nope"],  # obs key missing
+        ["train", "{d}/prep.h5ad", "--config", "{d}/bad.toml"],  # unknown config key
+        ["evaluate", "{d}/pred.h5ad", "{d}/sim.h5ad", "--samples", "{d}/missing.nc"],
+    ],
+)
+def test_bad_input_exits_2(pipeline: Path, argv, capsys):
+    (pipeline / "bad.toml").write_text("[train]\nmax-epoch = 3\nout = 'x'\n")
+    assert main([a.format(d=pipeline) for a in argv]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_help_exits_0(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("prepare", "train", "predict", "evaluate", "demo"):
+        assert command in out
+    assert main(["train", "--help"]) == 0
+    assert "--max-epochs" in capsys.readouterr().out
+
+
+def test_other_failure_exits_1(monkeypatch, capsys):
+    def boom(args):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(demo, "report", boom)
+    assert main(["demo", "--epochs", "1"]) == 1
+    assert "simulated crash" in capsys.readouterr().err
+
+
+def test_entry_point_subprocess(workdir: Path):
+    exe = Path(sys.executable).with_name("spartha")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "spartha_pyro.cli"]
+    out = workdir / "prep_subprocess.h5ad"
+    proc = subprocess.run([*cmd, "prepare", str(workdir / "sim.h5ad"), "-o", str(out), "--extractor", "none", "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert out.exists() and "wrote" in proc.stdout
