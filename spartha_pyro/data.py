@@ -4,7 +4,17 @@
 (genes, histology width and standardisation, label categories). :func:`encode_adata` turns
 any AnnData (training or new) into :class:`SpotArrays` under that registry, and
 :meth:`SpotArrays.minibatch` produces the tensors for one minibatch: counts stay sparse (CSR)
-on the host and are densified on the device, one minibatch at a time.
+on the host and are densified on the device, one minibatch at a time. A spots × genes matrix
+is never dense on the host.
+
+Training reads minibatches through a loader (:func:`make_loader`):
+
+- :class:`DeviceLoader` uploads the whole data set once (counts as CSR arrays) and gathers and
+  densifies each minibatch on the device: no host work and no host-device sync per step.
+  Chosen when the data fit in a quarter of the free device memory (always on CPU).
+- :class:`HostLoader` slices CSR rows on the host (from memory, or from an h5ad opened with
+  ``backed="r"``: only the minibatch's rows are read), pins them and prefetches the next
+  minibatch on a background thread while the device trains on the current one.
 
 Conventions
 -----------
@@ -16,7 +26,9 @@ Conventions
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -54,12 +66,13 @@ class Registry:
 class SpotArrays:
     """Host arrays for ``n`` spots under a registry.
 
-    ``counts`` is CSR float32 ``(n, G)`` or ``None``; ``x_h`` float32 ``(n, H)`` standardised
-    (missing rows zero); codes are int64 with ``-1`` for missing.
+    ``counts`` is CSR float32 ``(n, G)``, a :class:`BackedCounts` (rows read from disk on
+    demand) or ``None``; ``x_h`` float32 ``(n, H)`` standardised (missing rows zero); codes
+    are int64 with ``-1`` for missing.
     """
 
     obs_names: pd.Index
-    counts: sp.csr_matrix | None
+    counts: sp.csr_matrix | BackedCounts | None
     x_h: np.ndarray
     has_histology: np.ndarray
     labels: np.ndarray
@@ -82,21 +95,17 @@ class SpotArrays:
         """
         idx = np.asarray(idx)
         pin = device.type == "cuda"
-        if self.counts is not None:
-            sub = self.counts[idx]
-            csr = torch.sparse_csr_tensor(
-                torch.from_numpy(sub.indptr.astype(np.int64)),
-                torch.from_numpy(sub.indices.astype(np.int64)),
-                torch.from_numpy(sub.data),
-                size=sub.shape,
-            )
-            x_t = csr.to(device).to_dense()
-        else:
-            x_t = torch.zeros(len(idx), n_genes, device=device)
 
         def t(a):
             a = torch.from_numpy(np.ascontiguousarray(a))
             return (a.pin_memory() if pin else a).to(device, non_blocking=pin)
+
+        if self.counts is not None:
+            sub = self.counts[idx]
+            crow, col, val = (t(a) for a in (sub.indptr.astype(np.int64), sub.indices.astype(np.int64), sub.data))
+            x_t = densify_rows(crow, col, val, torch.arange(len(idx), device=device), n_genes, int(np.diff(sub.indptr).max(initial=0)))
+        else:
+            x_t = torch.zeros(len(idx), n_genes, device=device)
 
         return {
             "x_t": x_t,
@@ -108,6 +117,169 @@ class SpotArrays:
             "has_histology": t(self.has_histology[idx]),
             "index": t(idx.astype(np.int64)),
         }
+
+
+class BackedCounts:
+    """Rows of a sparse counts matrix in an h5ad opened with ``backed="r"``, read on demand.
+
+    Parameters
+    ----------
+    matrix
+        The backed ``X`` or layer (an :class:`anndata.abc.CSRDataset`).
+    gene_order
+        Column indices giving the training gene order, or ``None`` when already in order.
+    """
+
+    def __init__(self, matrix, gene_order: np.ndarray | None = None):
+        self.matrix, self.gene_order = matrix, gene_order
+        self.shape = (matrix.shape[0], len(gene_order) if gene_order is not None else matrix.shape[1])
+
+    def __getitem__(self, idx: np.ndarray) -> sp.csr_matrix:
+        """CSR float32 ``(len(idx), G)`` for sorted row indices ``idx``."""
+        sub = sp.csr_matrix(self.matrix[np.asarray(idx)], dtype=np.float32)
+        return sub[:, self.gene_order].tocsr() if self.gene_order is not None else sub
+
+
+def densify_rows(
+    crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, rows: torch.Tensor, n_genes: int, max_nnz: int
+) -> torch.Tensor:
+    """Dense ``(len(rows), n_genes)`` float32 rows of a CSR matrix given as device tensors.
+
+    A padded gather: every row reads ``max_nnz`` slots (the longest row of the matrix) and
+    masks the slots past its end, so no output size depends on the data and no host-device
+    synchronisation is needed.
+
+    Parameters
+    ----------
+    crow, col, val
+        CSR row pointers ``(n + 1,)`` int64, column indices ``(nnz,)`` and values ``(nnz,)``.
+    rows
+        ``(B,)`` int64 row indices.
+    n_genes
+        Number of columns ``G``.
+    max_nnz
+        An upper bound of the number of stored entries in any row.
+    """
+    out = torch.zeros(len(rows), n_genes, dtype=val.dtype, device=val.device)
+    if max_nnz == 0 or val.numel() == 0:
+        return out
+    start, end = crow[rows], crow[rows + 1]
+    slot = start.unsqueeze(1) + torch.arange(max_nnz, device=val.device)
+    inside = slot < end.unsqueeze(1)
+    slot = torch.where(inside, slot, torch.zeros_like(slot))
+    return out.scatter_add_(1, col[slot].long(), val[slot] * inside)
+
+
+class DeviceLoader:
+    """The whole data set on ``device``; minibatches gathered and densified there.
+
+    Parameters
+    ----------
+    data
+        In-memory spot arrays (counts CSR or ``None``).
+    device
+        Where the arrays live and the model trains.
+    n_genes
+        Number of genes ``G``.
+    """
+
+    def __init__(self, data: SpotArrays, device: torch.device, n_genes: int):
+        self.device, self.n_genes = device, n_genes
+        put = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+        self.tensors = {
+            "x_h": put(data.x_h),
+            "labels": put(data.labels),
+            "batch": put(data.batch),
+            "qc": put(data.qc),
+            "has_counts": put(data.has_counts),
+            "has_histology": put(data.has_histology),
+        }
+        self.csr = None
+        if data.counts is not None:
+            c = data.counts
+            self.csr = (put(c.indptr.astype(np.int64)), put(c.indices.astype(np.int32)), put(c.data.astype(np.float32)))
+            self.max_nnz = int(np.diff(c.indptr).max(initial=0))
+
+    @staticmethod
+    def nbytes(data: SpotArrays) -> int:
+        """Device bytes the arrays of ``data`` take once uploaded."""
+        fixed = data.x_h.nbytes + data.labels.nbytes + 3 * data.n * 8
+        if data.counts is None:
+            return fixed
+        return fixed + data.counts.nnz * 8 + (data.n + 1) * 8
+
+    def batches(self, index_batches: Iterator[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
+        """Minibatch dicts (model arguments) for each array of spot indices."""
+        pin = self.device.type == "cuda"
+        for idx in index_batches:
+            rows = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+            rows = (rows.pin_memory() if pin else rows).to(self.device, non_blocking=pin)
+            batch = {k: v[rows] for k, v in self.tensors.items()}
+            if self.csr is not None:
+                batch["x_t"] = densify_rows(*self.csr, rows, self.n_genes, self.max_nnz)
+            else:
+                batch["x_t"] = torch.zeros(len(idx), self.n_genes, device=self.device)
+            batch["index"] = rows
+            yield batch
+
+
+class HostLoader:
+    """Minibatches sliced on the host (memory or backed h5ad), prefetched on a thread.
+
+    While the device computes step ``t``, a background thread reads, pins and copies the
+    rows of step ``t + 1`` (up to ``prefetch`` minibatches ahead).
+    """
+
+    def __init__(self, data: SpotArrays, device: torch.device, n_genes: int, prefetch: int = 2):
+        self.data, self.device, self.n_genes, self.prefetch = data, device, n_genes, prefetch
+
+    def batches(self, index_batches: Iterator[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
+        """Minibatch dicts (model arguments) for each array of spot indices."""
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        done = object()
+        stop = threading.Event()
+
+        def work():
+            try:
+                for idx in index_batches:
+                    if stop.is_set():
+                        return
+                    q.put(self.data.minibatch(idx, self.device, self.n_genes))
+                q.put(done)
+            except BaseException as err:  # re-raised in the consumer
+                q.put(err)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        try:
+            while (item := q.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(0.01)
+
+
+def make_loader(data: SpotArrays, device: torch.device, n_genes: int, kind: str = "auto") -> DeviceLoader | HostLoader:
+    """A training loader: ``"device"``, ``"host"``, or ``"auto"``.
+
+    ``"auto"`` keeps the data on the device when they are in memory (not backed) and take at
+    most a quarter of the free device memory (always on CPU), else reads from the host.
+    """
+    if kind not in ("auto", "device", "host"):
+        raise ValueError(f"loader must be 'auto', 'device' or 'host', got {kind!r}")
+    if kind == "auto":
+        in_memory = not isinstance(data.counts, BackedCounts)
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
+        kind = "device" if in_memory and DeviceLoader.nbytes(data) <= free / 4 else "host"
+    if kind == "device" and isinstance(data.counts, BackedCounts):
+        raise ValueError("loader='device' needs counts in memory; this data set is backed on disk")
+    return DeviceLoader(data, device, n_genes) if kind == "device" else HostLoader(data, device, n_genes)
 
 
 def _name_spots(obs_names: pd.Index, mask: np.ndarray, limit: int = 5) -> str:
@@ -122,15 +294,31 @@ def _check_obs_names(adata: AnnData) -> None:
         raise InputError(f"obs names must be unique; duplicated: {list(dup[:5])}")
 
 
-def _counts_matrix(adata: AnnData, layer: str | None) -> sp.csr_matrix:
-    """The counts as validated CSR float32: finite, non-negative integers."""
+def _counts_matrix(adata: AnnData, layer: str | None, chunk: int = 8192) -> sp.csr_matrix | BackedCounts:
+    """The counts as validated CSR float32: finite, non-negative integers.
+
+    For an AnnData opened with ``backed="r"`` whose ``X`` is sparse, the counts stay on disk:
+    they are validated ``chunk`` rows at a time and returned as :class:`BackedCounts`.
+    """
     if layer is not None and layer not in adata.layers:
         raise InputError(f"layer {layer!r} is not in adata.layers (has {list(adata.layers)})")
     X = adata.X if layer is None else adata.layers[layer]
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     if X is None:
         raise InputError(f"{where} is empty: SPARTHA needs raw counts")
+    if adata.isbacked and layer is None and not isinstance(X, (np.ndarray, sp.spmatrix)):
+        if not hasattr(X, "format") or X.format != "csr":
+            raise InputError(f"a backed AnnData needs {where} stored as CSR (got {type(X).__name__})")
+        for start in range(0, X.shape[0], chunk):
+            _check_counts(sp.csr_matrix(X[start : start + chunk], dtype=np.float32), adata.obs_names[start:], where)
+        return BackedCounts(X)
     X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else sp.csr_matrix(X).astype(np.float32)
+    _check_counts(X, adata.obs_names, where)
+    return X
+
+
+def _check_counts(X: sp.csr_matrix, obs_names: pd.Index, where: str) -> None:
+    """Raise :class:`InputError` naming the spots (rows of ``X``, named by ``obs_names``) with bad counts."""
     data = X.data
     bad = ~np.isfinite(data) | (data < 0) | (data != np.round(data))
     if bad.any():
@@ -140,9 +328,8 @@ def _counts_matrix(adata: AnnData, layer: str | None) -> sp.csr_matrix:
         kind = "NaN/inf" if not np.isfinite(data[bad]).all() else ("negative" if (data[bad] < 0).any() else "non-integer")
         raise InputError(
             f"{where} must hold raw counts (finite, non-negative integers) for the negative binomial; "
-            f"found {kind} values in spots {_name_spots(adata.obs_names, mask)}"
+            f"found {kind} values in spots {_name_spots(obs_names[: X.shape[0]], mask)}"
         )
-    return X
 
 
 def _histology(adata: AnnData, key: str, width: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -263,7 +450,12 @@ def encode_adata(adata: AnnData, registry: Registry, require_counts: bool = Fals
             raise InputError("var names must be unique")
         X = _counts_matrix(adata, registry.layer)
         order = adata.var_names.get_indexer(genes)
-        counts = X if np.array_equal(order, np.arange(adata.n_vars)) else X[:, order].tocsr()
+        if np.array_equal(order, np.arange(adata.n_vars)):
+            counts = X
+        elif isinstance(X, BackedCounts):
+            counts = BackedCounts(X.matrix, order)
+        else:
+            counts = X[:, order].tocsr()
     elif require_counts:
         raise InputError("this AnnData has no genes, but counts are required here")
 

@@ -1,6 +1,15 @@
-"""The SVI loop: shuffled minibatches, ClippedAdam, early stopping, progress, NaN diagnosis."""
+"""The SVI loop: shuffled minibatches, ClippedAdam, early stopping, progress, NaN diagnosis.
+
+The step runs entirely on the training device: minibatches come from
+:func:`~spartha_pyro.data.make_loader` (data resident on the device, or prefetched from the
+host), the epoch's losses are summed on the device, and the only host reads per step are
+the finiteness check every ``check_finite_every`` steps (plus Pyro's own NaN warning inside
+its ELBO). With an initialised ``torch.distributed`` process group, each rank trains on a
+disjoint shard of the minibatches and gradients are averaged (:mod:`spartha_pyro.distributed`).
+"""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -13,13 +22,23 @@ from pyro import poutine
 from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
-from .data import SpotArrays
+from . import distributed
+from .data import SpotArrays, make_loader
 from .module import SparthaModule, batch_args
 
 
 @dataclass
 class TrainConfig:
-    """Settings of :func:`fit` (see :meth:`spartha_pyro.SPARTHA.train`)."""
+    """Settings of :func:`fit` (see :meth:`spartha_pyro.SPARTHA.train`).
+
+    ``check_finite_every``: steps between loss finiteness checks (each is a host-device
+    sync). ``accuracy_spots``: spots of the per-epoch classifier-accuracy pass (0: skip).
+    ``loader``: ``"auto"``, ``"device"`` or ``"host"`` (see :func:`~spartha_pyro.data.make_loader`).
+    ``validate``: Pyro's distribution validation during training; ``None`` keeps the global
+    setting (:func:`pyro.enable_validation`). Validation checks every site's parameters and
+    values with host syncs; the inputs were validated when encoded, so ``False`` is safe
+    and faster on a GPU.
+    """
 
     max_epochs: int = 100
     batch_size: int = 256
@@ -32,6 +51,8 @@ class TrainConfig:
     progress: bool = True
     check_finite_every: int = 1
     accuracy_spots: int = 2048
+    loader: str = "auto"
+    validate: bool | None = None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -111,9 +132,12 @@ def classifier_accuracy(module: SparthaModule, data: SpotArrays, idx: np.ndarray
 
 def fit(
     module: SparthaModule,
-    *args,
+    data: SpotArrays,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray | None,
+    config: TrainConfig,
+    device: torch.device,
     jit: bool = False,
-    **kwargs,
 ) -> list[dict]:
     """Train ``module`` in place; see :func:`_fit` (``jit=True`` for ``JitTrace_ELBO``).
 
@@ -122,15 +146,18 @@ def fit(
     and the library's default of module-local parameters is restored afterwards.
     """
     module.configure(module.model.n_spots, jit=jit)
-    if not jit:
-        return _fit(module, *args, **kwargs)
-    with pyro.settings.context(module_local_params=False):
-        pyro.clear_param_store()
-        try:
-            return _fit(module, *args, drop_last=True, **kwargs)
-        finally:
+    args = (module, data, train_idx, val_idx, config, device)
+    validation = contextlib.nullcontext() if config.validate is None else pyro.validation_enabled(config.validate)
+    with validation:
+        if not jit:
+            return _fit(*args)
+        with pyro.settings.context(module_local_params=False):
             pyro.clear_param_store()
-            module.configure(module.model.n_spots, jit=False)
+            try:
+                return _fit(*args, drop_last=True)
+            finally:
+                pyro.clear_param_store()
+                module.configure(module.model.n_spots, jit=False)
 
 
 def _fit(
@@ -147,14 +174,22 @@ def _fit(
     With ``val_idx`` and ``config.patience``, stops when the histology-path validation loss
     has not improved for ``patience`` epochs and restores the best parameters. Raises
     ``FloatingPointError`` naming the offending terms when the loss becomes NaN/inf.
+
+    Under ``torch.distributed``, all ranks draw the same minibatch order (seed
+    ``config.seed``), each takes every ``world_size``-th minibatch, Monte Carlo noise is
+    seeded ``config.seed + rank``, and the logged losses and validation loss are averaged
+    over ranks so every rank takes the same early-stopping decision.
     """
-    seed_everything(config.seed)
+    rank, n_ranks = distributed.world()
+    seed_everything(config.seed + rank)
     rng = np.random.default_rng(config.seed)
     module.to(device).train()
+    if n_ranks > 1:
+        distributed.broadcast_parameters(module)
+    loader = make_loader(data, device, module.model.n_genes, config.loader)
     optim = ClippedAdam(
         module.parameters(), lr=config.lr, clip_norm=config.clip_norm, lrd=config.lrd, weight_decay=config.weight_decay
     )
-    n_genes = module.model.n_genes
     acc_idx = rng.choice(train_idx, min(config.accuracy_spots, len(train_idx)), replace=False)
     acc_idx.sort()
     history: list[dict] = []
@@ -164,8 +199,8 @@ def _fit(
     for epoch in bar:
         sums = torch.zeros(2, device=device)
         n_seen = 0
-        for b in iterate_minibatches(len(train_idx), config.batch_size, rng, drop_last):
-            batch = data.minibatch(train_idx[b], device, n_genes)
+        order = list(iterate_minibatches(len(train_idx), config.batch_size, rng, drop_last))
+        for batch in loader.batches(train_idx[b] for b in distributed.shard(order, rank, n_ranks)):
             loss_full, loss_hist = module.loss(batch)
             loss = loss_full + module.histology_weight * loss_hist
             step += 1
@@ -175,17 +210,22 @@ def _fit(
                 )
             optim.zero_grad(set_to_none=True)
             loss.backward()
+            if n_ranks > 1:
+                distributed.allreduce_gradients(module)
             optim.step()
             # each loss is already a per-spot mean over the minibatch (plate scale x 1/n_spots)
-            sums += torch.stack([loss_full.detach(), loss_hist.detach()]) * len(b)
-            n_seen += len(b)
-        full, hist = (sums / n_seen).tolist()
+            n = len(batch["index"])
+            sums += torch.stack([loss_full.detach(), loss_hist.detach()]) * n
+            n_seen += n
+        full, hist = distributed.allreduce_mean(sums / n_seen).tolist()
         if not (math.isfinite(full) and math.isfinite(hist)):
             raise FloatingPointError(f"SPARTHA loss is not finite at epoch {epoch}: {diagnose_nonfinite(module, batch)}")
         record = {"epoch": epoch, "loss": full + module.histology_weight * hist, "loss_full": full, "loss_histology": hist}
-        record.update(classifier_accuracy(module, data, acc_idx, device))
+        if len(acc_idx):
+            record.update(classifier_accuracy(module, data, acc_idx, device))
         if val_idx is not None and len(val_idx):
-            record["val_loss_histology"] = evaluate_loss(module, data, val_idx, config.batch_size, device)
+            val = evaluate_loss(module, data, val_idx, config.batch_size, device)
+            record["val_loss_histology"] = float(distributed.allreduce_mean(torch.tensor(val, device=device)))
         history.append(record)
         bar.set_postfix({k: round(v, 3) for k, v in record.items() if k != "epoch"}, refresh=False)
         if val_idx is not None and len(val_idx) and config.patience is not None:
