@@ -9,9 +9,7 @@ Prints the per-section QC table (spots failing at 3/4/5 MADs) and the peak memor
 from __future__ import annotations
 
 import argparse
-import os
 import resource
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,26 +40,16 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     adata = sp.datasets.read_her2st(args.data, sections=args.sections)
     print(f"read {adata.n_obs} spots × {adata.n_vars} genes from {len(args.sections)} sections")
-    for k in (3, 4):
-        sp.pp.annotate_qc(adata, batch_key="slide", nmads=k, key_added=f"qc_pass_{k}mad")
-    sp.pp.annotate_qc(adata, batch_key="slide", nmads=5)  # qc_pass and uns["qc"]: the 5-MAD standard
+    # QC at 3/4/5 MADs (obs["qc_pass"] is the 5-MAD standard) and histology features: the
+    # same recipe as `spartha prepare`
+    sp.pp.prepare(adata, batch_key="slide", nmads=(3, 4, 5), qc_nmads=5, extractor=args.extractor,
+                  neighbors=args.neighbors, device=args.device)
     print(sp.pl.qc_summary(adata, batch_key="slide", nmads=(3, 4, 5)).to_string(float_format="%.3f"))
-
-    if adata.obs["has_image"].any():
-        sp.pp.histology_features(adata, extractor=args.extractor, neighbors=args.neighbors, device=args.device)
+    if "histology" in adata.obsm:
         print(f"histology features: {adata.obsm['histology'].shape}, columns {adata.uns['histology']['columns']}")
         flagged = adata.obs[["patch_outside", "patch_background"]].sum().to_dict()
         print(f"patches flagged: {flagged}")
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".h5ad", dir=args.out.parent)
-    os.close(fd)
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, args.out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    sp.io.write_h5ad(adata, args.out)
     print(f"wrote {args.out}")
 
     if args.plot_dir is not None:
