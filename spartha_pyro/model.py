@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyro
 import torch
 import xarray as xr
@@ -18,6 +19,7 @@ from pyro.infer import Predictive
 from ._errors import InputError
 from .data import QC_CODES, Registry, SpotArrays, build_registry, class_counts, encode_adata
 from .module import SparthaModule, batch_args
+from .predictions import summarize_samples
 from .train import TrainConfig, fit, iterate_minibatches, resolve_device
 
 FORMAT_VERSION = 1
@@ -383,6 +385,75 @@ class SPARTHA:
             name="expression" if value == "counts" else "expected_expression",
             attrs={"artifact": artifact, "value": value, "seed": seed, "model": repr(self)},
         )
+
+    def export_posterior(
+        self,
+        adata: AnnData,
+        num_samples: int = 50,
+        quantiles: Sequence[float] = (0.05, 0.5, 0.95),
+        artifact: str = "pass",
+        key: str = "spartha",
+        seed: int = 0,
+        batch_size: int = 256,
+    ) -> AnnData:
+        """Write posterior-predictive summaries of generated expression into ``adata.layers``.
+
+        Draws counts with :meth:`predict_expression` (histology only) and summarises them with
+        :func:`spartha_pyro.predictions.summarize_samples`. Layers (spots × ``adata``'s genes,
+        float32; genes the model does not know are NaN):
+
+        - ``{key}_mean``, ``{key}_sd``, ``{key}_q05`` … (one per quantile, see
+          :func:`~spartha_pyro.predictions.quantile_layer`): posterior-predictive mean, sd and
+          quantiles of log1p(counts per 10,000) — the space of the point metrics, normalised
+          over all modelled genes;
+        - ``{key}_counts_mean``: mean of the sampled counts;
+        - ``{key}_cv``: coefficient of variation sd / mean of the sampled counts (count noise
+          included; NaN where the mean is 0).
+
+        ``adata.uns[key]`` records the settings. For spots without counts or genes (a
+        histology-only AnnData has no gene axis to hold layers), use
+        ``summarize_samples(model.predict_expression(...))``, which returns a new AnnData.
+
+        Parameters
+        ----------
+        adata
+            Spots with ``obsm[histology_key]`` and at least one modelled gene in ``var_names``.
+        num_samples
+            Posterior-predictive draws per spot.
+        quantiles
+            Quantiles in ``[0, 1]`` to store.
+        artifact
+            ``"pass"`` (artifact-free generation) or ``"posterior"``, as in :meth:`predict_expression`.
+        key
+            Prefix of the layer names and the ``uns`` key.
+        seed, batch_size
+            As in :meth:`predict_expression`.
+
+        Returns
+        -------
+        ``adata``, with the layers added.
+        """
+        genes = pd.Index(self.registry.genes)
+        cols = genes.get_indexer(adata.var_names)
+        known = cols >= 0
+        if not known.any():
+            raise InputError(
+                "adata has none of the model's genes in var_names; use "
+                "spartha_pyro.predictions.summarize_samples(model.predict_expression(adata)) instead"
+            )
+        samples = self.predict_expression(adata, num_samples, artifact=artifact, seed=seed, batch_size=batch_size)
+        summary = summarize_samples(samples, quantiles=quantiles)
+        counts = samples.values
+        counts_sd = counts.std(0, dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cv = np.where(summary.layers["counts_mean"] > 0, counts_sd / summary.layers["counts_mean"], np.nan)
+        layers = {"mean": summary.X, **summary.layers, "cv": cv}
+        for name, values in layers.items():
+            out = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+            out[:, known] = values[:, cols[known]]
+            adata.layers[f"{key}_{name}"] = out
+        adata.uns[key] = {**summary.uns["prediction"], "cv": "sd / mean of sampled counts", "layers": [f"{key}_{n}" for n in layers]}
+        return adata
 
     # ------------------------------------------------------------------ save / load
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
