@@ -3,12 +3,27 @@
 Public names: :class:`SPARTHA`, and the submodules ``datasets``, ``io``, ``pp``,
 ``metrics`` and ``pl``. The Pyro model and guides are in ``spartha_pyro.models`` and
 ``spartha_pyro.guides``.
+
+The submodules are imported on first use (PEP 562), so ``import spartha_pyro.train`` or the
+benchmarks do not pull in scanpy, matplotlib or the image stack.
 """
+import importlib
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, io, metrics, pl, pp
 from ._errors import InputError
-from .model import SPARTHA
+
+_LAZY = {"datasets", "io", "metrics", "pl", "pp"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    if name == "SPARTHA":
+        from .model import SPARTHA
+
+        return SPARTHA
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 try:
     __version__ = version("spartha-pyro")

@@ -98,6 +98,10 @@ class SparthaModule(nn.Module):
             program.n_spots = n_spots
         make = (lambda: JitTrace_ELBO(ignore_jit_warnings=True)) if jit else Trace_ELBO
         self._elbo_full, self._elbo_hist = make(), make()
+        # JitTrace_ELBO keys its compiled function on id(model), id(guide): a bound method
+        # made afresh at each call (``self.histology_model``) would be re-traced every step
+        # (and every trace kept), so hold one bound method per program.
+        self._hist_programs = (self.histology_model, self.histology_guide)
 
     def histology_model(self, *args):
         """The model with every site masked to spots that have histology."""
@@ -113,7 +117,7 @@ class SparthaModule(nn.Module):
         """``(loss_full, loss_hist)``: negative ELBOs per spot of both paths on a minibatch."""
         args = batch_args(batch)
         loss_full = self._elbo_full.differentiable_loss(self.model, self.guide_full, *args)
-        loss_hist = self._elbo_hist.differentiable_loss(self.histology_model, self.histology_guide, *args)
+        loss_hist = self._elbo_hist.differentiable_loss(*self._hist_programs, *args)
         return loss_full, loss_hist
 
     def total_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,119 @@
+"""Shared pieces of the speed benchmarks: a fast sparse simulator and the timed SVI loop.
+
+Imports stay light (torch, numpy, scipy, pandas, anndata, pyro and the SPARTHA core only; no
+scanpy), so the benchmarks run on a bare GPU machine.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout without install
+
+from spartha_pyro.model import SPARTHA  # noqa: E402
+
+
+def synthetic_adata(
+    n_spots: int,
+    n_genes: int,
+    density: float = 0.1,
+    depth: float = 4000.0,
+    histology_dim: int = 64,
+    n_slides: int = 4,
+    n_cell_types: int = 5,
+    seed: int = 0,
+) -> AnnData:
+    """Spots with Visium-like sparse counts, generated directly as CSR in ``O(nnz)``.
+
+    Each spot detects ``Binomial(G, density_s)`` genes, with ``density_s`` log-normal around
+    ``density`` (capped at 1); its detected genes are an evenly strided set from a random
+    offset (distinct, so no duplicate merging is needed) and their counts are
+    geometric (on 1, 2, ...) with mean ``depth / nnz_s``. Histology is Gaussian with a cell-type
+    shift; labels, slides and QC (10 % fail) are random.
+
+    Returns
+    -------
+    AnnData with float32 CSR ``X`` ``(n_spots, n_genes)``, ``obs`` columns ``cell_type``,
+    ``slide``, ``qc_pass`` and ``obsm["histology"]`` ``(n_spots, histology_dim)``.
+    """
+    rng = np.random.default_rng(seed)
+    dens = np.minimum(density * np.exp(rng.normal(0.0, 0.3, n_spots)), 1.0)
+    nnz = np.maximum(rng.binomial(n_genes, dens), 1).astype(np.int64)
+    indptr = np.concatenate([[0], np.cumsum(nnz)])
+    row = np.repeat(np.arange(n_spots, dtype=np.int32), nnz)
+    k = np.arange(indptr[-1], dtype=np.int64) - np.repeat(indptr[:-1], nnz)
+    offset = rng.integers(0, n_genes, n_spots)
+    cols = ((offset[row] + k * n_genes // nnz[row]) % n_genes).astype(np.int32)
+    del k
+    # Geometric on {1, 2, ...} with mean depth / nnz, by inversion: 1 + floor(log U / log(1 - p))
+    p = 1.0 / np.maximum(depth / nnz, 1.0 + 1e-3)
+    inv_log_q = (1.0 / np.log1p(-p)).astype(np.float32)
+    u = rng.random(len(cols), dtype=np.float32)
+    values = np.floor(np.log(np.maximum(u, 1e-30, out=u), out=u) * inv_log_q[row], out=u) + 1.0
+    del row
+    X = sp.csr_matrix((values, cols, indptr), shape=(n_spots, n_genes))
+    cell_type = rng.integers(0, n_cell_types, n_spots)
+    centres = rng.normal(0.0, 1.0, (n_cell_types, histology_dim)).astype(np.float32)
+    hist = centres[cell_type] + rng.normal(0.0, 1.0, (n_spots, histology_dim)).astype(np.float32)
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical([f"type{c}" for c in cell_type]),
+            "slide": pd.Categorical([f"slide{s}" for s in np.arange(n_spots) % n_slides]),
+            "qc_pass": rng.random(n_spots) > 0.1,
+        },
+        index=pd.RangeIndex(n_spots).astype(str),
+    )
+    adata = AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]))
+    adata.obsm["histology"] = hist
+    return adata
+
+
+def build_model(adata: AnnData, hidden: int = 256) -> SPARTHA:
+    """The benchmarked SPARTHA: one label set, slides as batches, QC artifact latent."""
+    return SPARTHA(adata, label_keys=["cell_type"], batch_key="slide", qc_key="qc_pass", hidden=hidden)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work (a no-op on CPU) so wall-clock timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_steps(
+    step: Callable[[dict], torch.Tensor], batches: Iterator[dict], device: torch.device, warmup: int, max_steps: int
+) -> tuple[int, float]:
+    """Run ``step`` on minibatches; ``(spots, seconds)`` over the steps after ``warmup``."""
+    spots, start, done = 0, None, 0
+    for batch in batches:
+        if done == warmup:
+            sync(device)
+            start = time.perf_counter()
+        step(batch)
+        done += 1
+        if done > warmup:
+            spots += len(batch["index"])
+        if done >= warmup + max_steps:
+            break
+    sync(device)
+    if start is None:
+        raise ValueError(f"only {done} minibatches, need more than warmup={warmup}")
+    return spots, time.perf_counter() - start
+
+
+def peak_host_mb() -> float:
+    """Peak resident set size of this process, MiB (``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def device_name(device: torch.device) -> str:
+    """``"cpu"`` or ``"cuda:<GPU name>"`` for the result tables."""
+    return f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
