@@ -1,14 +1,34 @@
 """her2st benchmark: histology -> expression on held-out sections, poster-style table.
 
-Methods: ``spartha`` (SPARTHA), ``spatialdiva`` (SPARTHA without Z_r), ``histogene``,
-``ridge``, ``mean``. Each is trained on the training sections and scored on each held-out
-section in log1p-normalised space (10,000 per spot over the genes shared by the sections
-read) on the ``all`` and ``hvg`` (top 2,500 of the training sections) panels, plus QCPR for
-the generative models. ``--loso`` holds out every section in turn instead.
+Methods: ``spartha`` (SPARTHA, point metrics from ``artifact="posterior"``),
+``spartha_pass`` (the same trained model generating artifact-free spots,
+``artifact="pass"``), ``spatialdiva`` (SPARTHA without Z_r), ``histogene``, ``ridge``,
+``mean``. Each is trained on the training sections and predicts each held-out section from
+histology alone (an AnnData with no genes and only ``obsm["histology"]``).
+
+Scoring space: log1p of counts normalised to 10,000 per spot over ALL genes shared by the
+sections, then subset to a panel: ``all``, ``hvg`` (top 2,500 of the training sections),
+``top250`` (highest mean on the training sections) and ``hist2st_785`` (the field's panel).
+The generative models are scored by their posterior predictive mean in that space, the mean
+over draws of ``normalize_log1p(sampled counts)``; QCPR (3/4/5 MADs against the real spots
+of the section) is computed on the same draws.
+
+With ``--train-genes panels`` (default, fast) the generative models are trained on the union
+of the panels plus one ``__rest__`` column holding each spot's remaining counts, so that the
+library size, and hence the normalisation, is the full transcriptome's; ``all`` is then scored
+for the point predictors only. ``--train-genes all`` trains them on every gene.
+
+Early stopping uses a validation section taken from the training sections (the last one by
+default), never a test section; with ``--refit`` the model is then retrained on all training
+sections for the epoch count that early stopping chose. The disentanglement probe matrix of
+SPARTHA's latents (full guide, training sections) versus cluster, slide and QC is scored on
+held-out spots and drawn with :func:`spartha_pyro.pl.probe_heatmap`. ``--loso`` holds out every
+section in turn.
 
 Example::
 
-    python benchmarks/her2st.py --methods mean ridge --seeds 0 --out results_her2st.json
+    python benchmarks/her2st.py --data ../shared/data/her2st --train-sections B4 C2 C3 C4 \\
+        --test-sections C5 --seeds 0 1 2 --out results.json --plot-dir benchmarks/results
 """
 from __future__ import annotations
 
@@ -17,18 +37,31 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-from anndata import AnnData, read_h5ad
+import matplotlib
 
-import spartha_pyro as sp
-from spartha_pyro.baselines import HisToGene, MeanPredictor, RidgePredictor
-from spartha_pyro.datasets.her2st import read_her2st
-from spartha_pyro.metrics import format_table, hvg_panel, normalize_log1p, qcpr, regression_metrics
-from spartha_pyro.pp.patches import iter_patches
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import scipy.sparse as sparse  # noqa: E402
+import xarray as xr  # noqa: E402
+from anndata import AnnData, read_h5ad  # noqa: E402
+from sklearn.decomposition import PCA  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+
+import spartha_pyro as sp  # noqa: E402
+from spartha_pyro.baselines import HisToGene, MeanPredictor, RidgePredictor  # noqa: E402
+from spartha_pyro.datasets.her2st import read_her2st  # noqa: E402
+from spartha_pyro.metrics import format_table, hvg_panel, normalize_log1p, probe_matrix, qcpr, regression_metrics  # noqa: E402
+from spartha_pyro.pp.patches import iter_patches  # noqa: E402
 
 METHODS = ("spartha", "spatialdiva", "histogene", "ridge", "mean")
-NEEDS_FEATURES = {"spartha", "spatialdiva", "ridge"}
+#: table rows; ``spartha_pass`` comes from the ``spartha`` model
+ROWS = ("spartha", "spartha_pass", "spatialdiva", "histogene", "ridge", "mean")
+PANELS = ("all", "hvg", "top250", "hist2st_785")
+#: short names of the feature blocks computed once and cached
+BLOCKS = {"lite0": "efficientnet_lite0", "stats": "stats"}
+REST = "__rest__"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,22 +69,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default="../shared/data/her2st", help="her2st folder")
     p.add_argument("--train-sections", nargs="+", default=["B4", "C2", "C3", "C4"])
     p.add_argument("--test-sections", nargs="+", default=["C5"])
+    p.add_argument(
+        "--validation", default=None,
+        help="early-stopping section (default: the last training section); 'none': no early stopping, train --epochs on all",
+    )
     p.add_argument("--loso", action="store_true", help="hold out each section in turn (train on the others)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--panel", choices=["all", "hvg", "both"], default="both")
+    p.add_argument("--features", default="lite0", help="'+'-joined blocks among lite0, stats; add 'nbr' for grid-neighbour means")
+    p.add_argument("--train-genes", choices=["panels", "all"], default="panels", help="genes the generative models are trained on")
     p.add_argument("--n-hvg", type=int, default=2500)
+    p.add_argument("--n-top-mean", type=int, default=250)
     p.add_argument("--epochs", type=int, default=100, help="max epochs of SPARTHA/SpatialDIVA")
+    p.add_argument("--patience", type=int, default=20)
+    p.add_argument("--refit", action="store_true", help="retrain on all training sections for the early-stopped epoch count")
     p.add_argument("--histogene-epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-samples", type=int, default=20, help="posterior predictive draws per spot")
-    p.add_argument("--histology-key", default="histology")
+    p.add_argument("--num-samples", type=int, default=200, help="posterior predictive draws per spot")
+    p.add_argument("--sample-chunk", type=int, default=25, help="draws generated at a time (bounds memory)")
+    p.add_argument("--pca", type=int, default=0, help="SPARTHA/SpatialDIVA see this many principal components of the features (0: raw)")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON of extra SPARTHA(...) arguments")
+    p.add_argument("--device", default="auto")
     p.add_argument("--patch-size", type=int, default=112, help="HisToGene patch side, full-resolution px")
     p.add_argument("--cache", default="benchmarks/cache", help="folder for the prepared .h5ad")
     p.add_argument("--out", default="results_her2st.json")
+    p.add_argument("--plot-dir", default=None, help="folder for the probe heatmap(s) and matrices")
     return p.parse_args(argv)
 
 
+# ---------------------------------------------------------------------------- data
 def crop_patches(adata: AnnData, size: int) -> np.ndarray:
     """uint8 patches ``(n_spots, size, size, 3)`` centred on each spot (full-resolution pixels)."""
     out = np.zeros((adata.n_obs, size, size, 3), dtype=np.uint8)
@@ -65,94 +111,227 @@ def crop_patches(adata: AnnData, size: int) -> np.ndarray:
 
 
 def prepare(args: argparse.Namespace, sections: list[str]) -> AnnData:
-    """Read the sections (inner gene join), annotate QC, add features/patches; cached as .h5ad."""
-    cache = Path(args.cache) / f"her2st_{'-'.join(sorted(sections))}_{args.histology_key}_p{args.patch_size}.h5ad"
+    """Read the sections (inner gene join), annotate QC (5 MADs per slide), compute every
+    feature block with its grid-neighbour mean and the HisToGene patches; cached as .h5ad."""
+    cache = Path(args.cache) / f"her2st_{'-'.join(sorted(sections))}_features_p{args.patch_size}.h5ad"
     if cache.is_file():
         return read_h5ad(cache)
     adata = read_her2st(args.data, sections=sections, join="inner")
-    sp.pp.annotate_qc(adata, batch_key="slide")
-    if NEEDS_FEATURES & set(args.methods):
-        sp.pp.histology_features(adata)
-        if args.histology_key not in adata.obsm:
-            raise sp.InputError(f"histology_features did not write obsm[{args.histology_key!r}]")
-    if "histogene" in args.methods:
-        adata.obsm["patches"] = crop_patches(adata, args.patch_size)
+    sp.pp.annotate_qc(adata, batch_key="slide", nmads=5)
+    sp.pp.histology_features(adata, list(BLOCKS.values()), key_added="features", neighbors=True, progress=False)
+    adata.obsm["patches"] = crop_patches(adata, args.patch_size)
     adata.uns.pop("spatial", None)  # images are not needed after preparation
     cache.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(cache)
     return adata
 
 
-def predict(method: str, train: AnnData, test: AnnData, args, seed: int, val_section: str | None):
-    """Point prediction (log1p-normalised, test spots × training genes) and, for generative
-    methods, the sampled counts ``(sample, spot, gene)``."""
+def select_features(adata: AnnData, spec: str) -> np.ndarray:
+    """Columns of ``obsm["features"]`` named by ``spec``, e.g. ``"lite0+stats+nbr"``."""
+    parts = spec.split("+")
+    names = [BLOCKS.get(p) for p in parts if p != "nbr"]
+    if not names or None in names:
+        raise sp.InputError(f"--features must join blocks among {list(BLOCKS)} (and 'nbr') with '+', got {spec!r}")
+    if "nbr" in parts:
+        names += [f"{n}_neighbors" for n in names]
+    columns = adata.uns["features"]["columns"]
+    return np.concatenate([adata.obsm["features"][:, slice(*columns[n])] for n in names], axis=1)
+
+
+def gene_panels(train: AnnData, args: argparse.Namespace) -> dict[str, list[str] | None]:
+    """Panels chosen on the training sections (and the published ``hist2st_785`` list)."""
+    mean = np.asarray(normalize_log1p(train.X).mean(0)).ravel()
+    hist2st = Path(args.data, "genes", "hist2st_785.txt").read_text().split()
+    return {
+        "all": None,
+        "hvg": hvg_panel(train, n_top=args.n_hvg),
+        "top250": list(train.var_names[np.argsort(-mean)[: args.n_top_mean]]),
+        "hist2st_785": [g for g in hist2st if g in set(train.var_names)],
+    }
+
+
+def modelled_genes(adata: AnnData, panels: dict, train_genes: str) -> AnnData:
+    """``adata`` restricted to the genes a generative model is trained on.
+
+    ``"panels"``: the union of the named panels plus a ``__rest__`` column with the
+    remaining counts of each spot (so library sizes stay those of the full transcriptome).
+    """
+    if train_genes == "all":
+        return adata
+    genes = list(dict.fromkeys(g for p in panels.values() if p is not None for g in p))
+    keep = adata.var_names.get_indexer(genes)
+    rest = np.asarray(adata.X.sum(1)).ravel() - np.asarray(adata[:, keep].X.sum(1)).ravel()
+    X = sparse.hstack([adata.X[:, keep], sparse.csr_matrix(rest[:, None])], format="csr", dtype=np.float32)
+    out = AnnData(X=X, obs=adata.obs.copy(), obsm=dict(adata.obsm))
+    out.var_names = genes + [REST]
+    return out
+
+
+# ---------------------------------------------------------------------------- methods
+def train_spartha(method: str, train: AnnData, args, seed: int, validation: str | None) -> sp.SPARTHA:
+    """SPARTHA (``artifact_latent`` for ``"spartha"``) early-stopped on the ``validation``
+    section; with ``--refit`` retrained on every training section for the chosen number of
+    epochs. ``validation=None`` trains on every training section for ``--epochs`` epochs."""
+
+    def fit(validation_sections, epochs):
+        model = sp.SPARTHA(
+            train, histology_key="histology", label_keys=["cluster"], batch_key="slide",
+            qc_key="qc_pass", artifact_latent=method == "spartha", **args.model_kwargs,
+        )
+        model.train(
+            max_epochs=epochs, batch_size=args.batch_size, validation=validation_sections,
+            patience=args.patience, seed=seed, progress=False, device=args.device,
+        )
+        return model
+
+    if validation is None:
+        return fit(None, args.epochs)
+    model = fit([validation], args.epochs)
+    if not args.refit:
+        return model
+    val = [h["val_loss_histology"] for h in model.history]
+    return fit(None, int(np.argmin(val)) + 1)
+
+
+def posterior_predictive(model: sp.SPARTHA, adata: AnnData, artifact: str, args, seed: int):
+    """Posterior predictive mean in the metric's space and the first chunk of sampled counts.
+
+    The mean over ``args.num_samples`` draws of ``normalize_log1p(counts)`` (normalised over
+    every modelled column, ``__rest__`` included, which is then dropped), generated
+    ``args.sample_chunk`` draws at a time with seeds ``seed * 1000 + chunk``.
+
+    Returns
+    -------
+    ``(prediction (spots × genes), genes, counts of the first chunk (sample × spot × column))``.
+    """
+    total, first = None, None
+    n_chunks = -(-args.num_samples // args.sample_chunk)
+    for chunk in range(n_chunks):
+        n = min(args.sample_chunk, args.num_samples - chunk * args.sample_chunk)
+        counts = model.predict_expression(adata, num_samples=n, artifact=artifact, seed=seed * 1000 + chunk)
+        part = normalize_log1p(counts.values, dtype=np.float32).sum(0)
+        total = part if total is None else total + part
+        first = counts if first is None else first
+    genes = list(first["gene"].values)
+    keep = [i for i, g in enumerate(genes) if g != REST]
+    return total[:, keep] / args.num_samples, [genes[i] for i in keep], first
+
+
+def pca_histology(train: AnnData, test: AnnData, n_components: int) -> tuple[AnnData, AnnData]:
+    """Copies of ``train``/``test`` whose ``obsm["histology"]`` is replaced by the first
+    principal components of the standardised features, fit on the training spots only."""
+    scaler = StandardScaler().fit(train.obsm["histology"])
+    pca = PCA(n_components, random_state=0).fit(scaler.transform(train.obsm["histology"]))
+    out = []
+    for ad in (train, test):
+        ad = ad.copy()
+        ad.obsm["histology"] = pca.transform(scaler.transform(ad.obsm["histology"])).astype(np.float32)
+        out.append(ad)
+    return out[0], out[1]
+
+
+def probe(model: sp.SPARTHA, seed: int) -> xr.DataArray:
+    """Balanced accuracy of linear probes from each SPARTHA latent (full guide, the spots of
+    the training sections that have a cluster label) to cluster, slide and QC, fit on 70% of
+    the spots, scored on the other 30%."""
+    adata, dims = model.adata, model.module.model.dims
+    labelled = adata.obs["cluster"].notna().to_numpy()
+    latents = {
+        f"z_{k}": model.get_latent(latent=k)[labelled] for k in ("y", "d", "r", "x") if k == "y" or f"z_{k}" in dims
+    }
+    obs = adata.obs[labelled]
+    factors = {name: obs[col].astype(str).to_numpy() for name, col in (("cluster", "cluster"), ("slide", "slide"), ("qc", "qc_pass"))}
+    n = int(labelled.sum())
+    perm = np.random.default_rng(seed).permutation(n)
+    cut = int(0.7 * n)
+    return probe_matrix(latents, factors, np.sort(perm[:cut]), np.sort(perm[cut:]), seed=seed)
+
+
+def run_method(method, train, test, panels, args, seed, validation):
+    """Predictions for ``test`` from its histology alone: ``{row: (log1p-normalised
+    prediction (spots × genes), genes, sampled counts or None)}`` and, for SPARTHA, the probe
+    matrix."""
+    keep = ["histology", "patches"] if method == "histogene" else ["histology"]
+    test_hist = AnnData(obs=test.obs[["slide", "array_x", "array_y"]].copy(), obsm={k: test.obsm[k] for k in keep})
     if method == "mean":
-        return MeanPredictor().fit(train).predict(test), None
+        return {method: (MeanPredictor().fit(train).predict(test_hist), train.var_names, None)}, None
     if method == "ridge":
-        return RidgePredictor(args.histology_key, group_key="slide").fit(train).predict(test), None
+        return {method: (RidgePredictor("histology", group_key="slide").fit(train).predict(test_hist), train.var_names, None)}, None
     if method == "histogene":
         model = HisToGene(seed=seed).fit(train, coord_key=("array_x", "array_y"), epochs=args.histogene_epochs)
-        return model.predict(test, coord_key=("array_x", "array_y")), None
-    model = sp.SPARTHA(
-        train,
-        histology_key=args.histology_key,
-        label_keys=["cluster"],
-        batch_key="slide",
-        qc_key="qc_pass",
-        artifact_latent=method == "spartha",
-    )
-    model.train(
-        max_epochs=args.epochs,
-        batch_size=args.batch_size,
-        validation=[val_section] if val_section else None,
-        seed=seed,
-        progress=False,
-    )
-    histology_only = AnnData(obs=test.obs[[]].copy(), obsm={args.histology_key: test.obsm[args.histology_key]})
-    counts = model.predict_expression(
-        histology_only, num_samples=args.num_samples, artifact="pass" if method == "spartha" else "posterior", seed=seed
-    )
-    counts = counts.sel(gene=list(train.var_names))
-    return normalize_log1p(counts.values, dtype=np.float32).mean(0), counts.values
+        return {method: (model.predict(test_hist, coord_key=("array_x", "array_y")), train.var_names, None)}, None
+    if args.pca:
+        train, test_hist = pca_histology(train, test_hist, args.pca)
+    model = train_spartha(method, modelled_genes(train, panels, args.train_genes), args, seed, validation)
+    modes = {"spartha": "posterior", "spartha_pass": "pass"} if method == "spartha" else {method: "posterior"}
+    out = {row: posterior_predictive(model, test_hist, artifact, args, seed) for row, artifact in modes.items()}
+    return out, probe(model, seed) if method == "spartha" else None
+
+
+# ---------------------------------------------------------------------------- main
+def score(pred, genes, counts, test, obs, panels) -> list[dict]:
+    """Point metrics on every panel the prediction covers, and QCPR from the sampled counts."""
+    genes = pd.Index(genes)
+    cols = test.var_names.get_indexer(genes)
+    covered = {k: v for k, v in panels.items() if (v is None and len(genes) == test.n_vars) or (v is not None and genes.isin(v).sum() == len(v))}
+    rows = regression_metrics(pred, obs[:, cols], panels=covered, var_names=genes).to_dict("records")
+    if counts is not None:  # QC of the modelled genes (``__rest__`` left out) against the real spots
+        generated = counts.sel(gene=list(genes)).values
+        rows += [{"panel": "qc", "metric": k, "value": v} for k, v in qcpr(generated, test.X[:, cols], genes).items()]
+    return rows
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     sections = list(dict.fromkeys(args.train_sections + args.test_sections))
     adata = prepare(args, sections)
+    adata.obsm["histology"] = select_features(adata, args.features)
     splits = (
         [([s for s in sections if s != t], t) for t in sections]
         if args.loso
         else [(args.train_sections, t) for t in args.test_sections]
     )
     records: list[dict] = []
+    probes: list[xr.DataArray] = []
     for train_sections, test_section in splits:
         train = adata[adata.obs["slide"].isin(train_sections)].copy()
         test = adata[adata.obs["slide"] == test_section].copy()
         obs = normalize_log1p(test.X).toarray()
-        panels = {}
-        if args.panel in ("all", "both"):
-            panels["all"] = None
-        if args.panel in ("hvg", "both"):
-            panels["hvg"] = hvg_panel(train, n_top=args.n_hvg)
-        val_section = train_sections[-1] if len(train_sections) > 1 else None
+        panels = gene_panels(train, args)
+        validation = (
+            None if args.validation == "none"
+            else args.validation if args.validation in train_sections else train_sections[-1]
+        )
         for method in args.methods:
             for seed in args.seeds:
                 start = time.perf_counter()
-                pred, counts = predict(method, train, test, args, seed, val_section)
+                preds, probe_da = run_method(method, train, test, panels, args, seed, validation)
                 seconds = time.perf_counter() - start
-                scores = regression_metrics(pred, obs, panels=panels, var_names=test.var_names)
-                rows = scores.to_dict("records")
-                if counts is not None:
-                    rows += [
-                        {"panel": "all", "metric": k, "value": v}
-                        for k, v in qcpr(counts, test.X, test.var_names).items()
+                if probe_da is not None:
+                    probes.append(probe_da)
+                for row, (pred, genes, counts) in preds.items():
+                    rows = score(pred, genes, counts, test, obs, panels)
+                    records += [
+                        {"method": row, "section": test_section, "seed": seed, "seconds": seconds,
+                         "features": args.features, "train_genes": args.train_genes, **r}
+                        for r in rows
                     ]
-                records += [{"method": method, "section": test_section, "seed": seed, **r} for r in rows]
-                pcc = scores.query("metric == 'pcc_gene'").set_index("panel")["value"].round(4).to_dict()
-                print(f"{method:12s} test={test_section} seed={seed} {seconds:7.1f}s pcc_gene={pcc}", flush=True)
+                    pcc = {r["panel"]: round(r["value"], 4) for r in rows if r["metric"] == "pcc_gene"}
+                    print(f"{row:12s} test={test_section} seed={seed} {seconds:7.1f}s pcc_gene={pcc}", flush=True)
     Path(args.out).write_text(json.dumps(records, indent=1))
-    print(format_table(records, methods=[m for m in METHODS if m in args.methods]))
+    print(format_table(records, panels=PANELS, methods=[r for r in ROWS if any(x["method"] == r for x in records)]))
+    if probes:
+        mean_probe = xr.concat(probes, "run", coords="minimal").mean("run").rename("balanced_accuracy")
+        print("\nprobe matrix (balanced accuracy, held-out spots, mean over seeds/sections)")
+        print(mean_probe.to_pandas().round(3).to_string())
+        if args.plot_dir:
+            plot_dir = Path(args.plot_dir)
+            plot_dir.mkdir(parents=True, exist_ok=True)
+            ax = sp.pl.probe_heatmap(mean_probe)
+            ax.set_title("SPARTHA latents: linear probes")
+            ax.figure.savefig(plot_dir / "probe_heatmap.png", dpi=120)
+            plt.close(ax.figure)
+            mean_probe.to_pandas().to_csv(plot_dir / "probe_matrix.csv")
     return records
 
 
