@@ -6,10 +6,8 @@ scanpy), so the benchmarks run on a bare GPU machine.
 from __future__ import annotations
 
 import resource
-import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,9 +15,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout without install
-
-from spartha_pyro.model import SPARTHA  # noqa: E402
+from spartha_pyro.model import SPARTHA
 
 
 def synthetic_adata(

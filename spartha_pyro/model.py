@@ -1,6 +1,7 @@
 """The user-facing :class:`SPARTHA` model: AnnData in; arrays, AnnData and xarray out."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -19,7 +20,6 @@ from pyro.infer import Predictive
 from ._errors import InputError
 from .data import QC_CODES, Registry, SpotArrays, build_registry, class_counts, encode_adata
 from .module import SparthaModule, batch_args
-from .predictions import summarize_samples
 from .train import TrainConfig, fit, iterate_minibatches, resolve_device
 
 FORMAT_VERSION = 1
@@ -158,6 +158,7 @@ class SPARTHA:
         progress: bool = True,
         clip_norm: float = 10.0,
         weight_decay: float = 0.0,
+        loader: str = "auto",
     ) -> list[dict]:
         """Fit by minibatch SVI (ClippedAdam) on the training AnnData.
 
@@ -183,6 +184,15 @@ class SPARTHA:
             Use ``JitTrace_ELBO`` (full minibatches only; the last partial one is skipped).
         progress
             Show a tqdm bar (epoch, losses, classifier accuracies).
+        loader
+            ``"auto"``: keep the data on the device when they fit (a quarter of free device
+            memory; not for a backed AnnData), else ``"host"``: read minibatches on the host
+            (rows of a ``backed="r"`` h5ad are read per minibatch) with a prefetch thread.
+            ``"device"`` forces the former. See :func:`spartha_pyro.data.make_loader`.
+
+        Under ``torch.distributed`` (e.g. ``torchrun`` + ``init_process_group``) every rank
+        trains on a disjoint shard of the minibatches with averaged gradients; see
+        :mod:`spartha_pyro.distributed` and ``examples/train_ddp.py``.
 
         Returns
         -------
@@ -198,7 +208,7 @@ class SPARTHA:
         config = TrainConfig(
             max_epochs=max_epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, progress=progress,
             clip_norm=clip_norm, weight_decay=weight_decay,
-            check_finite_every=1 if self.device.type == "cpu" else 50,
+            check_finite_every=1 if self.device.type == "cpu" else 50, loader=loader,
         )
         self.history += fit(self.module, self._data, train_idx, val_idx, config, self.device, jit=jit)
         self.is_trained = True
@@ -320,6 +330,7 @@ class SPARTHA:
         value: str = "counts",
         batch_size: int = 256,
         seed: int = 0,
+        out: str | os.PathLike | None = None,
     ) -> xr.DataArray:
         """Generate expression for spots from their histology alone (posterior predictive).
 
@@ -343,11 +354,16 @@ class SPARTHA:
             expected counts given the sampled latents and library).
         seed
             Seed of Pyro's RNG: same seed, same draws.
+        out
+            A NetCDF path (``.nc``): stream the draws there minibatch by minibatch instead of
+            holding ``num_samples × spots × genes`` in memory (peak memory
+            ``num_samples × batch_size × genes``). Written under a temporary name in the
+            same folder, then renamed; the returned array reads lazily from the file.
 
         Returns
         -------
         ``xarray.DataArray`` with dims ``("sample", "spot", "gene")``, coords from
-        ``adata.obs_names`` and the training genes.
+        ``adata.obs_names`` and the training genes (file-backed when ``out`` is given).
         """
         if artifact not in ("pass", "posterior"):
             raise InputError(f"artifact must be 'pass' or 'posterior', got {artifact!r}")
@@ -370,21 +386,29 @@ class SPARTHA:
         predictive = Predictive(module.model, guide=guide, num_samples=num_samples, return_sites=[site])
         pyro.set_rng_seed(seed)
         n_genes = len(self.registry.genes)
-        out = np.empty((num_samples, data.n, n_genes), dtype=np.int32 if value == "counts" else np.float32)
-        for b in iterate_minibatches(data.n, batch_size, None, False):
-            batch = data.minibatch(b, self.device, n_genes)
-            batch["qc"] = torch.full_like(batch["qc"], QC_CODES["pass"])
-            batch["x_t"] = None
-            batch["index"] = torch.arange(len(b), device=self.device)
-            samples = predictive(*batch_args(batch))[site]
-            out[:, b] = samples.reshape(num_samples, len(b), n_genes).cpu().numpy()
-        return xr.DataArray(
-            out,
-            dims=("sample", "spot", "gene"),
-            coords={"sample": np.arange(num_samples), "spot": np.asarray(adata.obs_names), "gene": self.registry.genes},
-            name="expression" if value == "counts" else "expected_expression",
-            attrs={"artifact": artifact, "value": value, "seed": seed, "model": repr(self)},
-        )
+        name = "expression" if value == "counts" else "expected_expression"
+        dtype = np.int32 if value == "counts" else np.float32
+        coords = {"sample": np.arange(num_samples), "spot": np.asarray(adata.obs_names), "gene": self.registry.genes}
+        attrs = {"artifact": artifact, "value": value, "seed": seed, "model": repr(self)}
+
+        def fill(sink) -> None:
+            for b in iterate_minibatches(data.n, batch_size, None, False):
+                batch = data.minibatch(b, self.device, n_genes)
+                batch["qc"] = torch.full_like(batch["qc"], QC_CODES["pass"])
+                batch["x_t"] = None
+                batch["index"] = torch.arange(len(b), device=self.device)
+                samples = predictive(*batch_args(batch))[site]
+                sink[:, b[0] : b[-1] + 1] = samples.reshape(num_samples, len(b), n_genes).cpu().numpy().astype(dtype)
+
+        if out is not None:
+            from .io.write import atomic_path
+
+            with atomic_path(out) as tmp, _netcdf_variable(tmp, name, dtype, coords, attrs) as sink:
+                fill(sink)
+            return xr.open_dataarray(out)
+        sink = np.empty((num_samples, data.n, n_genes), dtype=dtype)
+        fill(sink)
+        return xr.DataArray(sink, dims=("sample", "spot", "gene"), coords=coords, name=name, attrs=attrs)
 
     def export_posterior(
         self,
@@ -442,6 +466,8 @@ class SPARTHA:
                 "spartha_pyro.predictions.summarize_samples(model.predict_expression(adata)) instead"
             )
         samples = self.predict_expression(adata, num_samples, artifact=artifact, seed=seed, batch_size=batch_size)
+        from .predictions import summarize_samples  # lazy: pulls in metrics (scanpy)
+
         summary = summarize_samples(samples, quantiles=quantiles)
         counts = samples.values
         counts_sd = counts.std(0, dtype=np.float64)
@@ -523,6 +549,27 @@ class SPARTHA:
         self.is_trained = settings.get("is_trained", True)
         self.device = resolve_device(device)
         return self
+
+
+@contextlib.contextmanager
+def _netcdf_variable(path: Path, name: str, dtype, coords: Mapping[str, Sequence], attrs: Mapping[str, object]):
+    """A new NetCDF-4 file at ``path`` holding coordinates and an empty ``(sample, spot, gene)``
+    variable ``name``; yields the variable (write slices into it), closes the file on exit."""
+    import netCDF4
+
+    ds = netCDF4.Dataset(path, "w", format="NETCDF4")
+    try:
+        for dim, values in coords.items():
+            values = np.asarray(values)
+            ds.createDimension(dim, len(values))
+            kind = str if values.dtype.kind in "OU" else values.dtype
+            ds.createVariable(dim, kind, (dim,))[:] = values.astype(object) if kind is str else values
+        chunks = (1, min(256, len(coords["spot"])), len(coords["gene"]))
+        variable = ds.createVariable(name, dtype, ("sample", "spot", "gene"), chunksizes=chunks)
+        variable.setncatts(dict(attrs))
+        yield variable
+    finally:
+        ds.close()
 
 
 def _atomic_write(target: Path, write) -> None:

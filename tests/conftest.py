@@ -16,6 +16,7 @@ def _pyro_validation():
 def pytest_configure(config):
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
+    config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it); run with `pytest -m gpu`")
 
 
 @pytest.fixture(scope="session")
