@@ -56,7 +56,7 @@ def new_slide(args: argparse.Namespace, model_dir: Path) -> tuple[ad.AnnData, ad
         sp.pp.histology_features(adata, extractor="stats", progress=False)
         label_key = "cluster"
     else:
-        adata = sp.datasets.simulate(n_spots=450, n_genes=150, histology_dim=32, seed=args.seed)
+        adata = sp.datasets.simulate(n_spots=args.n_spots, n_genes=args.n_genes, histology_dim=32, seed=args.seed)
         sp.pp.annotate_qc(adata, batch_key="slide")
         label_key = "cell_type"
     train, test, histology_only = holdout_split(adata, "slide", args.test_section)
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, help="her2st folder: train on 4 imaged sections, predict the held-out one")
     parser.add_argument("--test-section", help="held-out section when training here (default: the last)")
     parser.add_argument("--out", type=Path, default=None, help="output .h5ad (default in a temporary folder)")
+    parser.add_argument("--n-spots", type=int, default=450, help="simulated spots (3 slides)")
+    parser.add_argument("--n-genes", type=int, default=150, help="simulated genes")
     parser.add_argument("--num-samples", type=int, default=20, help="posterior predictive draws per spot")
     parser.add_argument("--num-epochs", type=int, default=20, help="epochs of the tiny model trained here")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, training and draws")

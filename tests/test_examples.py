@@ -27,7 +27,7 @@ def test_svi_spartha(tmp_path):
 
 def test_predict_from_histology(tmp_path):
     out_file = tmp_path / "pred.h5ad"
-    out = run_example("predict_from_histology.py", "--num-epochs", "2", "--num-samples", "3", "--out", str(out_file),
+    out = run_example("predict_from_histology.py", "--n-spots", "150", "--n-genes", "40", "--num-epochs", "2", "--num-samples", "3", "--out", str(out_file),
                       cwd=tmp_path)
     assert out_file.exists() and out_file.with_suffix(".nc").exists()
     assert "inside the 90% interval" in out

@@ -34,10 +34,10 @@ import spartha_pyro as sp
 from spartha_pyro.module import batch_args
 
 CI = bool(os.environ.get("CI"))
-EPOCHS = 8 if CI else 80
+EPOCHS = 5 if CI else 80
 SMALL = dict(hidden=64, y_dim=8, d_dim=4, r_dim=4, x_dim=4)
 
-adata = sp.datasets.simulate(n_spots=300 if CI else 2000, n_genes=80 if CI else 500, histology_dim=16, seed=0)
+adata = sp.datasets.simulate(n_spots=240 if CI else 2000, n_genes=80 if CI else 500, histology_dim=16, seed=0)
 sp.pp.annotate_qc(adata, batch_key="slide")
 
 # %% [markdown]
