@@ -102,8 +102,9 @@ class SpotArrays:
 
         if self.counts is not None:
             sub = self.counts[idx]
-            crow, col, val = (t(a) for a in (sub.indptr.astype(np.int64), sub.indices.astype(np.int64), sub.data))
-            x_t = densify_rows(crow, col, val, torch.arange(len(idx), device=device), n_genes, int(np.diff(sub.indptr).max(initial=0)))
+            crow, col, val = (t(a) for a in (sub.indptr.astype(np.int64), sub.indices, sub.data))
+            rows = torch.arange(len(idx), device=device)
+            x_t = densify_rows(crow, col, val, rows, n_genes, int(np.diff(sub.indptr).max(initial=0)))
         else:
             x_t = torch.zeros(len(idx), n_genes, device=device)
 
