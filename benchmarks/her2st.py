@@ -321,7 +321,7 @@ def main(argv=None) -> list[dict]:
     Path(args.out).write_text(json.dumps(records, indent=1))
     print(format_table(records, panels=PANELS, methods=[r for r in ROWS if any(x["method"] == r for x in records)]))
     if probes:
-        mean_probe = xr.concat(probes, "run", coords="minimal").mean("run").rename("balanced_accuracy")
+        mean_probe = xr.concat(probes, "run", coords="minimal", compat="override").mean("run").rename("balanced_accuracy")
         print("\nprobe matrix (balanced accuracy, held-out spots, mean over seeds/sections)")
         print(mean_probe.to_pandas().round(3).to_string())
         if args.plot_dir:
