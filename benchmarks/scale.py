@@ -84,6 +84,8 @@ def run_row(args) -> dict:
     module, data = model.module.to(device).train(), model._data
     setup_s = time.perf_counter() - t0
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the simulator's temporaries must not count as used device memory
     reset = _reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -134,6 +136,8 @@ def run_row(args) -> dict:
 def attach_overhead(rows: list[dict], paths: list[str]) -> None:
     """Copy ``ratio_jit`` / ``ratio_trace`` of svi_overhead results with the same device, genes and batch."""
     for path in paths:
+        if not Path(path).is_file():  # an unmatched shell glob, or a run that timed out
+            continue
         res = json.loads(Path(path).read_text())
         for row in rows:
             same = (row["device"], row["n_genes"], row["batch_size"]) == (res["device"], res["n_genes"], res["batch_size"])
@@ -172,7 +176,16 @@ def main(argv=None) -> list[dict]:
     ]
     passthrough += ["--jit"] * args.jit + ["--backed"] * args.backed
     passthrough += ["--threads", str(args.threads)] if args.threads else []
+    device_tag = "cpu" if args.device == "cpu" else "cuda"
+    out = Path(args.out or HERE / "results" / f"scale-{device_tag}{'-backed' if args.backed else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("one", "n_spots", "n_genes", "out")}
     rows, skipped = [], []
+
+    def save() -> None:  # after every row: a run cut short keeps what it measured
+        attach_overhead(rows, args.overhead_json)
+        out.write_text(json.dumps({"settings": settings, "rows": rows, "skipped": skipped}, indent=1))
+
     for n_genes in args.genes:
         for n_spots in args.spots:
             if args.skip_above_nnz and n_genes * n_spots * args.density > args.skip_above_nnz:
@@ -184,28 +197,25 @@ def main(argv=None) -> list[dict]:
             except subprocess.TimeoutExpired:
                 skipped.append({"n_genes": n_genes, "n_spots": n_spots, "why": f"timeout {args.row_timeout}s"})
                 print(f"{n_genes:>7} genes {n_spots:>7} spots: timed out", flush=True)
+                save()
                 continue
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
             if line is None:
                 why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
                 skipped.append({"n_genes": n_genes, "n_spots": n_spots, "why": why})
                 print(f"{n_genes:>7} genes {n_spots:>7} spots: failed: {why}", flush=True)
+                save()
                 continue
             row = json.loads(line[4:])
             rows.append(row)
+            save()
             print(
                 f"{n_genes:>7} genes {n_spots:>7} spots: {row['spots_per_s']:>9.0f} spots/s  "
                 f"host {row['peak_host_mb']:>7.0f} MiB  gpu {row['peak_gpu_mb'] or 0:>7.0f} MiB  "
-                f"data {row['data_mb']:>7.0f} MiB  loader {row['loader']}",
+                f"data {row['data_mb']:>7.0f} MiB  loader {row['loader']}  setup {row['setup_s']:.0f} s",
                 flush=True,
             )
-    attach_overhead(rows, args.overhead_json)
     print_table(rows)
-    device_tag = "cpu" if args.device == "cpu" else "cuda"
-    out = Path(args.out or HERE / "results" / f"scale-{device_tag}{'-backed' if args.backed else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("one", "n_spots", "n_genes", "out")}
-    out.write_text(json.dumps({"settings": settings, "rows": rows, "skipped": skipped}, indent=1))
     print(f"wrote {out}")
     return rows
 

@@ -6,9 +6,10 @@ estimator as ``SparthaModule.loss``: it calls the guides' encoders (same dropout
 ``log p - log q`` by hand with ``torch.distributions`` — priors ``p(Z | L)``, library,
 NB counts, histology, the auxiliary classifier terms, the histology mask on the second path
 and the ``1 / B`` per-spot scaling. The script first checks that both losses agree on a fixed
-seed and batch, then times an epoch of each (forward, backward, ClippedAdam step; data from
-the same device loader), alternating repeats, and prints ``ratio = pyro / torch`` for
-``Trace_ELBO`` and ``JitTrace_ELBO``. Distribution validation is off in both loops.
+seed and batch, then times ``--max-steps`` steps of each after ``--warmup`` (forward,
+backward, ClippedAdam step; data from the same device loader), alternating repeats, and
+prints ``ratio = pyro / torch`` for ``Trace_ELBO`` and ``JitTrace_ELBO``. Distribution
+validation is off in both loops.
 
 Usage::
 
@@ -98,9 +99,12 @@ def measure(module, data, device, batch_size: int, max_steps: int, warmup: int, 
 
         return step
 
+    def order():
+        while True:  # epochs until warmup + max_steps minibatches
+            yield from iterate_minibatches(data.n, batch_size, rng, drop_last=True)
+
     def epoch(loss_fn):
-        order = iterate_minibatches(data.n, batch_size, rng, drop_last=True)
-        spots, seconds = timed_steps(step_with(loss_fn), loader.batches(order), device, warmup, max_steps)
+        spots, seconds = timed_steps(step_with(loss_fn), loader.batches(order()), device, warmup, max_steps)
         return seconds / max(spots // batch_size, 1)
 
     per_step = {"torch": [], "trace": [], "jit": []}

@@ -313,7 +313,7 @@ def _counts_matrix(adata: AnnData, layer: str | None, chunk: int = 8192) -> sp.c
         for start in range(0, X.shape[0], chunk):
             _check_counts(sp.csr_matrix(X[start : start + chunk], dtype=np.float32), adata.obs_names[start:], where)
         return BackedCounts(X)
-    X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else sp.csr_matrix(X).astype(np.float32)
+    X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else sp.csr_matrix(X).astype(np.float32, copy=False)
     _check_counts(X, adata.obs_names, where)
     return X
 

@@ -209,6 +209,8 @@ class SPARTHA:
             max_epochs=max_epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, progress=progress,
             clip_norm=clip_norm, weight_decay=weight_decay,
             check_finite_every=1 if self.device.type == "cpu" else 50, loader=loader,
+            # on a GPU, Pyro's distribution checks are host syncs at every site; inputs were validated
+            validate=None if self.device.type == "cpu" else False,
         )
         self.history += fit(self.module, self._data, train_idx, val_idx, config, self.device, jit=jit)
         self.is_trained = True

@@ -200,6 +200,8 @@ def _fit(
         sums = torch.zeros(2, device=device)
         n_seen = 0
         order = list(iterate_minibatches(len(train_idx), config.batch_size, rng, drop_last))
+        if len(order) < n_ranks:
+            raise ValueError(f"{len(order)} minibatches per epoch cannot feed {n_ranks} ranks; lower batch_size")
         for batch in loader.batches(train_idx[b] for b in distributed.shard(order, rank, n_ranks)):
             loss_full, loss_hist = module.loss(batch)
             loss = loss_full + module.histology_weight * loss_hist

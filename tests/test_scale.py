@@ -126,7 +126,7 @@ def _ddp_worker(rank, world, init_file, adata, state, shards, result_file):
         distributed.allreduce_gradients(module)
         grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
         model.module.load_state_dict(state)
-        model.train(max_epochs=2, batch_size=40, progress=False, seed=0)
+        model.train(max_epochs=1, batch_size=40, progress=False, seed=0)
         params = {n: p.detach().clone() for n, p in model.module.named_parameters()}
         torch.save({"grads": grads, "params": params, "history": model.history}, f"{result_file}.{rank}")
     finally:
