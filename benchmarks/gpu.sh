@@ -8,7 +8,8 @@
 # Needs python with torch (CUDA), numpy, scipy, pandas, xarray, tqdm, h5py and the wheels of
 # pyro-ppl, pyro-api, opt-einsum, anndata (+ array-api-compat, legacy-api-wrap, natsort,
 # scverse-misc, zarr, numcodecs, donfig, google-crc32c, typing-extensions, packaging) and
-# pytest (+ iniconfig, pluggy). scanpy is not needed. Writes logs and JSON into $OUT.
+# pytest (+ iniconfig, pluggy), and pillow if absent (spartha_pyro.io imports PIL). scanpy is
+# not needed. Writes logs and JSON into $OUT.
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$REPO/gpu_out}"
@@ -22,6 +23,7 @@ nvidia-smi
 if [ -n "${WHEELS:-}" ]; then
   stamp "installing wheels from $WHEELS"
   "$PY" -m pip install -q --no-index --find-links "$WHEELS" pyro-ppl anndata pytest || echo "pip install failed"
+  "$PY" -c "import PIL" 2>/dev/null || "$PY" -m pip install -q --no-index --find-links "$WHEELS" pillow || echo "no pillow"
 fi
 
 # Import spartha_pyro from this checkout without installing it: the package maps the
