@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from pyro import poutine
 from pyro.infer import Predictive
 
 from ._errors import InputError
+from .io.write import atomic_path
 from .data import QC_CODES, Registry, SpotArrays, build_registry, class_counts, encode_adata
 from .module import SparthaModule, batch_args
 from .train import TrainConfig, fit, iterate_minibatches, resolve_device
@@ -403,7 +403,6 @@ class SPARTHA:
                 sink[:, b[0] : b[-1] + 1] = samples.reshape(num_samples, len(b), n_genes).cpu().numpy().astype(dtype)
 
         if out is not None:
-            from .io.write import atomic_path
 
             with atomic_path(out) as tmp, _netcdf_variable(tmp, name, dtype, coords, attrs) as sink:
                 fill(sink)
@@ -504,8 +503,10 @@ class SPARTHA:
             "is_trained": self.is_trained,
             "history": self.history,
         }
-        _atomic_write(path / "model.pt", lambda f: torch.save(self.module.state_dict(), f))
-        _atomic_write(path / "settings.json", lambda f: f.write(json.dumps(settings, indent=1).encode()))
+        with atomic_path(path / "model.pt") as tmp:
+            torch.save(self.module.state_dict(), tmp)
+        with atomic_path(path / "settings.json") as tmp:
+            tmp.write_text(json.dumps(settings, indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike, adata: AnnData | None = None, device: str | torch.device | None = "cpu") -> "SPARTHA":
@@ -572,16 +573,3 @@ def _netcdf_variable(path: Path, name: str, dtype, coords: Mapping[str, Sequence
         yield variable
     finally:
         ds.close()
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scanpy as sc
 from anndata import AnnData
 
 from .._errors import InputError
@@ -53,6 +52,8 @@ def read_visium(
     InputError
         Missing files, or spots outside the source image; the message names the file.
     """
+    import scanpy as sc  # imported here: scanpy is slow to import and only this reader needs it
+
     root = Path(path).expanduser().resolve()
     spatial_dir = root / "spatial"
     required = [root / count_file, spatial_dir / "scalefactors_json.json"]

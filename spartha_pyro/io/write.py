@@ -21,7 +21,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
     Yields
     ------
-    A path in the same folder (same suffix) to write to. It is removed if the block raises.
+    A path in the same folder (same suffix) to write to. It is flushed to disk and renamed
+    onto ``target`` when the block succeeds, and removed if the block raises.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -29,6 +30,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        with open(tmp, "rb+") as f:  # the bytes reach the disk before the name does
+            os.fsync(f.fileno())
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
