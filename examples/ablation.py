@@ -21,21 +21,7 @@ from pathlib import Path
 
 import spartha_pyro as sp
 from spartha_pyro import baselines
-from spartha_pyro.demo import ABLATION, fit_predict, holdout_split, score
-
-
-def load_data(args: argparse.Namespace):
-    """``(adata, label key)``: simulated by default, her2st with ``--data`` or ``--h5ad``."""
-    if args.h5ad is not None:
-        return sp.datasets.load(args.h5ad, kind="h5ad"), "cluster"
-    if args.data is not None:
-        adata = sp.datasets.read_her2st(args.data, sections=list(sp.datasets.her2st.HER2ST_IMAGED))
-        sp.pp.annotate_qc(adata, batch_key="slide")
-        sp.pp.histology_features(adata, extractor="stats", progress=False)
-        return adata, "cluster"
-    adata = sp.datasets.simulate(n_spots=args.n_spots, n_genes=args.n_genes, histology_dim=32, seed=args.seed)
-    sp.pp.annotate_qc(adata, batch_key="slide")
-    return adata, "cell_type"
+from spartha_pyro.demo import ABLATION, example_data, fit_predict, holdout_split, score
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -54,7 +40,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--cuda", action="store_true", help="train on CUDA")
     args = parser.parse_args(argv)
 
-    adata, label_key = load_data(args)
+    adata, label_key = example_data(args.h5ad, args.data, args.n_spots, args.n_genes, args.seed)
     train, test, histology_only = holdout_split(adata, "slide", args.test_section)
     panels = {"all": None, "hvg": sp.metrics.hvg_panel(train, n_top=min(2500, train.n_vars // 2))}
     test = test[:, train.var_names].copy()

@@ -41,23 +41,9 @@ from pyro.optim.clipped_adam import ClippedAdam
 
 import spartha_pyro as sp
 from spartha_pyro.data import QC_CODES, build_registry, class_counts, encode_adata
-from spartha_pyro.demo import holdout_split
+from spartha_pyro.demo import example_data, holdout_split
 from spartha_pyro.guides import AuxClassifiers, FullGuide, HistologyEncoder, HistologyGuide
 from spartha_pyro.models import SparthaModel
-
-
-def load_data(args: argparse.Namespace):
-    """The AnnData to use (simulated by default) and its label column."""
-    if args.h5ad is not None:
-        return sp.datasets.load(args.h5ad, kind="h5ad"), "cluster"
-    if args.data is not None:
-        adata = sp.datasets.read_her2st(args.data, sections=list(sp.datasets.her2st.HER2ST_IMAGED))
-        sp.pp.annotate_qc(adata, batch_key="slide")
-        sp.pp.histology_features(adata, extractor="stats", progress=False)  # 66 colour/texture statistics: fast
-        return adata, "cluster"
-    adata = sp.datasets.simulate(n_spots=args.n_spots, n_genes=args.n_genes, histology_dim=32, seed=args.seed)
-    sp.pp.annotate_qc(adata, batch_key="slide")
-    return adata, "cell_type"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     pyro.set_rng_seed(args.seed)
 
     # ---- data: AnnData -> arrays (registry = genes, categories, histology scaling)
-    adata, label_key = load_data(args)
+    adata, label_key = example_data(args.h5ad, args.data, args.n_spots, args.n_genes, args.seed)
     train, test, histology_only = holdout_split(adata, "slide", args.test_section)
     registry = build_registry(train, "histology", [label_key], "slide", "qc_pass")
     data = encode_adata(train, registry, require_counts=True)

@@ -25,6 +25,31 @@ from ._errors import InputError
 ABLATION = {"spartha": True, "spatialdiva": False}
 
 
+def example_data(h5ad=None, data=None, n_spots: int = 450, n_genes: int = 150, seed: int = 0) -> tuple[ad.AnnData, str]:
+    """``(adata, label key)`` for the examples: simulated by default, her2st otherwise.
+
+    Parameters
+    ----------
+    h5ad
+        An ``.h5ad`` prepared by ``examples/prepare_her2st.py`` (label key ``"cluster"``).
+    data
+        A her2st folder: its five imaged sections are read, QC-annotated and given the fast
+        ``"stats"`` histology features (66 colour/texture statistics).
+    n_spots, n_genes, seed
+        Size and seed of the simulated data (label key ``"cell_type"``).
+    """
+    if h5ad is not None:
+        return datasets.load(h5ad, kind="h5ad"), "cluster"
+    if data is not None:
+        adata = datasets.read_her2st(data, sections=list(datasets.her2st.HER2ST_IMAGED))
+        pp.annotate_qc(adata, batch_key="slide")
+        pp.histology_features(adata, extractor="stats", progress=False)
+        return adata, "cluster"
+    adata = datasets.simulate(n_spots=n_spots, n_genes=n_genes, histology_dim=32, seed=seed)
+    pp.annotate_qc(adata, batch_key="slide")
+    return adata, "cell_type"
+
+
 def holdout_split(adata: ad.AnnData, batch_key: str = "slide", test: str | None = None) -> tuple[ad.AnnData, ad.AnnData, ad.AnnData]:
     """Hold out one whole section: ``(train, test, test with histology only)``.
 
