@@ -18,9 +18,11 @@ of the panels plus one ``__rest__`` column holding each spot's remaining counts,
 library size, and hence the normalisation, is the full transcriptome's; ``all`` is then scored
 for the point predictors only. ``--train-genes all`` trains them on every gene.
 
-Early stopping uses a validation section taken from the training sections (the last one by
-default), never a test section; with ``--refit`` the model is then retrained on all training
-sections for the epoch count that early stopping chose. The disentanglement probe matrix of
+By default the generative models train on every training section for ``--epochs 60``, the
+epoch count that early stopping chose on a development split (README). ``--validation C4``
+(or ``last``) early-stops on the histology-path ELBO of that TRAINING section instead, never a
+test section; with ``--refit`` the model is then retrained on all training sections for the
+epoch count that early stopping chose. The disentanglement probe matrix of
 SPARTHA's latents (full guide, training sections) versus cluster, slide and QC is scored on
 held-out spots and drawn with :func:`spartha_pyro.pl.probe_heatmap`. ``--loso`` holds out every
 section in turn.
@@ -70,17 +72,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-sections", nargs="+", default=["B4", "C2", "C3", "C4"])
     p.add_argument("--test-sections", nargs="+", default=["C5"])
     p.add_argument(
-        "--validation", default=None,
-        help="early-stopping section (default: the last training section); 'none': no early stopping, train --epochs on all",
+        "--validation", default="none",
+        help="early-stopping section ('last' = the last training section); 'none' (default): train --epochs on all "
+        "training sections, the epoch count early stopping chose on the development split (see README)",
     )
     p.add_argument("--loso", action="store_true", help="hold out each section in turn (train on the others)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--features", default="lite0", help="'+'-joined blocks among lite0, stats; add 'nbr' for grid-neighbour means")
+    p.add_argument("--features", default="lite0+stats+nbr", help="'+'-joined blocks among lite0, stats; add 'nbr' for grid-neighbour means")
     p.add_argument("--train-genes", choices=["panels", "all"], default="panels", help="genes the generative models are trained on")
     p.add_argument("--n-hvg", type=int, default=2500)
     p.add_argument("--n-top-mean", type=int, default=250)
-    p.add_argument("--epochs", type=int, default=100, help="max epochs of SPARTHA/SpatialDIVA")
+    p.add_argument("--epochs", type=int, default=60, help="(max) epochs of SPARTHA/SpatialDIVA")
     p.add_argument("--patience", type=int, default=20)
     p.add_argument("--refit", action="store_true", help="retrain on all training sections for the early-stopped epoch count")
     p.add_argument("--histogene-epochs", type=int, default=50)
@@ -300,7 +303,7 @@ def main(argv=None) -> list[dict]:
         panels = gene_panels(train, args)
         validation = (
             None if args.validation == "none"
-            else args.validation if args.validation in train_sections else train_sections[-1]
+            else train_sections[-1] if args.validation == "last" else args.validation
         )
         for method in args.methods:
             for seed in args.seeds:
