@@ -135,3 +135,17 @@ def test_summarize_and_format_table():
     assert row["n_seeds"] == 2
     text = M.format_table(records)
     assert "[all]" in text and "[hvg]" in text and "QCPR" in text and "0.1050 ± 0.0071" in text
+
+
+def test_probes_skip_missing_labels():
+    """Unlabelled spots (NaN) are left out of a factor's probe and silhouette, not a class."""
+    rng = np.random.default_rng(0)
+    y = np.array(["a", "b"] * 100, dtype=object)
+    z = (y == "a")[:, None] * 3.0 + rng.normal(size=(200, 2))
+    y_missing = y.copy()
+    y_missing[::5] = np.nan
+    idx = np.arange(200)
+    probe = M.probe_matrix({"z": z}, {"y": y_missing}, idx[:120], idx[120:])
+    assert float(probe.sel(latent="z", factor="y")) > 0.9
+    assert float(probe.coords["chance"].sel(factor="y")) == 0.5
+    assert np.isfinite(M.silhouette_matrix({"z": z}, {"y": y_missing}).values).all()

@@ -18,11 +18,24 @@ from sklearn.preprocessing import StandardScaler
 from .._errors import InputError
 
 
+def _labels(values) -> np.ndarray:
+    """Labels as an object array of strings, ``None`` where missing (NaN/None)."""
+    s = pd.Series(np.asarray(values, dtype=object))
+    return np.where(s.notna().to_numpy(), s.astype(str).to_numpy(dtype=object), None)
+
+
+def _positions(idx, known: np.ndarray) -> np.ndarray:
+    """Integer positions of ``idx`` (indices or a boolean mask) whose label is known."""
+    idx = np.asarray(idx)
+    pos = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64)
+    return pos[known[pos]]
+
+
 def _check(latents: Mapping[str, np.ndarray], factors: Mapping[str, object]) -> tuple[dict, dict, int]:
     if not latents or not factors:
         raise InputError("latents and factors must both be non-empty")
     lat = {k: np.asarray(v, dtype=np.float64) for k, v in latents.items()}
-    fac = {k: pd.Series(np.asarray(v)).astype(str).to_numpy() for k, v in factors.items()}
+    fac = {k: _labels(v) for k, v in factors.items()}
     n = {len(v) for v in [*lat.values(), *fac.values()]}
     if len(n) != 1:
         raise InputError(f"latents and factors must have the same number of spots, got lengths {sorted(n)}")
@@ -50,7 +63,8 @@ def probe_matrix(
     latents
         Name -> latent means, ``(n_spots, dim)``.
     factors
-        Name -> labels per spot, length ``n_spots`` (any hashable values).
+        Name -> labels per spot, length ``n_spots`` (any hashable values; NaN/None = missing:
+        such spots are left out of that factor's fit and score).
     train_idx, test_idx
         Integer indices (or boolean masks) of the spots to fit and to score on.
     max_iter
@@ -68,14 +82,16 @@ def probe_matrix(
     out = np.full((len(lat), len(fac)), np.nan)
     chance = []
     for j, y in enumerate(fac.values()):
-        y_tr, y_te = y[train_idx], y[test_idx]
+        known = np.array([v is not None for v in y])
+        tr, te = _positions(train_idx, known), _positions(test_idx, known)
+        y_tr, y_te = y[tr].astype(str), y[te].astype(str)
         chance.append(1.0 / max(len(np.unique(y_te)), 1))
         if len(np.unique(y_tr)) < 2 or len(y_te) == 0:
             continue
         for i, z in enumerate(lat.values()):
             clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, random_state=seed))
-            clf.fit(z[train_idx], y_tr)
-            out[i, j] = balanced_accuracy_score(y_te, clf.predict(z[test_idx]))
+            clf.fit(z[tr], y_tr)
+            out[i, j] = balanced_accuracy_score(y_te, clf.predict(z[te]))
     return xr.DataArray(
         out,
         dims=("latent", "factor"),
@@ -97,7 +113,7 @@ def silhouette_matrix(
     latents
         Name -> latent means, ``(n_spots, dim)``.
     factors
-        Name -> labels per spot, length ``n_spots``.
+        Name -> labels per spot, length ``n_spots`` (NaN/None = missing, left out).
     max_spots
         At most this many spots, drawn once without replacement (same subsample for every
         cell), keep it fast.
@@ -114,11 +130,12 @@ def silhouette_matrix(
     idx = np.sort(rng.choice(n, size=min(n, max_spots), replace=False))
     out = np.full((len(lat), len(fac)), np.nan)
     for j, y in enumerate(fac.values()):
-        labels = y[idx]
-        if not 2 <= len(np.unique(labels)) < len(idx):
+        sub = _positions(idx, np.array([v is not None for v in y]))
+        labels = y[sub].astype(str)
+        if not 2 <= len(np.unique(labels)) < len(sub):
             continue
         for i, z in enumerate(lat.values()):
-            out[i, j] = silhouette_score(z[idx], labels)
+            out[i, j] = silhouette_score(z[sub], labels)
     return xr.DataArray(
         out, dims=("latent", "factor"), coords={"latent": list(lat), "factor": list(fac)}, name="silhouette"
     )
