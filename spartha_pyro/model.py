@@ -159,6 +159,10 @@ class SPARTHA:
         clip_norm: float = 10.0,
         weight_decay: float = 0.0,
         loader: str = "auto",
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
+        keep_checkpoints: int = 3,
+        resume: bool = False,
     ) -> list[dict]:
         """Fit by minibatch SVI (ClippedAdam) on the training AnnData.
 
@@ -189,6 +193,20 @@ class SPARTHA:
             memory; not for a backed AnnData), else ``"host"``: read minibatches on the host
             (rows of a ``backed="r"`` h5ad are read per minibatch) with a prefetch thread.
             ``"device"`` forces the former. See :func:`spartha_pyro.data.make_loader`.
+        checkpoint_dir
+            Folder of training checkpoints (``ckpt-000012.pt``: epoch 12 done), each written
+            atomically, holding the module, optimizer, history, early-stopping and random
+            states (see :mod:`spartha_pyro.checkpoint`). ``None``: no checkpoints. Without
+            ``resume`` the folder must hold no checkpoints.
+        checkpoint_every
+            Epochs between checkpoints.
+        keep_checkpoints
+            Most recent checkpoints kept; older ones are deleted.
+        resume
+            Continue from the latest complete checkpoint in ``checkpoint_dir`` (start afresh
+            when it holds none). Call with the same data, model and training settings
+            (``max_epochs`` may change): on CPU the result equals that of a run never
+            interrupted.
 
         Under ``torch.distributed`` (e.g. ``torchrun`` + ``init_process_group``) every rank
         trains on a disjoint shard of the minibatches with averaged gradients; see
@@ -202,6 +220,8 @@ class SPARTHA:
             raise InputError("max_epochs and batch_size must be positive")
         if self._data is None:
             raise InputError("this model was loaded without its training AnnData; pass adata to SPARTHA.load to train")
+        if resume and checkpoint_dir is None:
+            raise InputError("resume=True needs checkpoint_dir")
         train_idx, val_idx = self._split(validation, seed)
         self.device = resolve_device(device)
         self.module.configure(n_spots=len(train_idx), jit=False)
@@ -211,6 +231,8 @@ class SPARTHA:
             check_finite_every=1 if self.device.type == "cpu" else 50, loader=loader,
             # on a GPU, Pyro's distribution checks are host syncs at every site; inputs were validated
             validate=None if self.device.type == "cpu" else False,
+            checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), checkpoint_every=checkpoint_every,
+            keep_checkpoints=keep_checkpoints, resume=resume,
         )
         self.history += fit(self.module, self._data, train_idx, val_idx, config, self.device, jit=jit)
         self.is_trained = True

@@ -1,4 +1,4 @@
-"""The SVI loop: shuffled minibatches, ClippedAdam, early stopping, progress, NaN diagnosis.
+"""The SVI loop: shuffled minibatches, ClippedAdam, early stopping, checkpoints, progress, NaN diagnosis.
 
 The step runs entirely on the training device: minibatches come from
 :func:`~spartha_pyro.data.make_loader` (data resident on the device, or prefetched from the
@@ -13,7 +13,7 @@ import contextlib
 import copy
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyro
@@ -22,7 +22,8 @@ from pyro import poutine
 from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import checkpoint, distributed
+from ._errors import InputError
 from .data import SpotArrays, make_loader
 from .module import SparthaModule, batch_args
 
@@ -37,7 +38,9 @@ class TrainConfig:
     ``validate``: Pyro's distribution validation during training; ``None`` keeps the global
     setting (:func:`pyro.enable_validation`). Validation checks every site's parameters and
     values with host syncs; the inputs were validated when encoded, so ``False`` is safe
-    and faster on a GPU.
+    and faster on a GPU. ``checkpoint_dir``: write a checkpoint there every
+    ``checkpoint_every`` epochs, keeping the last ``keep_checkpoints``; with ``resume``,
+    continue from the latest complete one (see :mod:`spartha_pyro.checkpoint`).
     """
 
     max_epochs: int = 100
@@ -53,6 +56,14 @@ class TrainConfig:
     accuracy_spots: int = 2048
     loader: str = "auto"
     validate: bool | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 3
+    resume: bool = False
+
+
+#: settings that may differ between a checkpointed run and its resumption
+_RESUMABLE = ("max_epochs", "progress", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -179,8 +190,16 @@ def _fit(
     ``config.seed``), each takes every ``world_size``-th minibatch, Monte Carlo noise is
     seeded ``config.seed + rank``, and the logged losses and validation loss are averaged
     over ranks so every rank takes the same early-stopping decision.
+
+    With ``config.checkpoint_dir``, the whole loop state is checkpointed every
+    ``config.checkpoint_every`` epochs; with ``config.resume`` the loop continues from the
+    latest complete checkpoint (or starts afresh when there is none) and ends with the same
+    parameters as a run never interrupted. Raises :class:`~spartha_pyro.InputError` when the
+    folder holds checkpoints but ``resume`` is off, or their settings differ from ``config``.
     """
     rank, n_ranks = distributed.world()
+    if config.checkpoint_dir is not None and n_ranks > 1:
+        raise InputError("checkpoints are written by single-process training only")
     seed_everything(config.seed + rank)
     rng = np.random.default_rng(config.seed)
     module.to(device).train()
@@ -194,8 +213,19 @@ def _fit(
     acc_idx.sort()
     history: list[dict] = []
     best, best_state, stale = math.inf, None, 0
-    bar = tqdm(range(config.max_epochs), desc="SPARTHA", unit="epoch", disable=not config.progress)
-    step = 0
+    step, start = 0, 0
+    if config.checkpoint_dir is not None:
+        state = _resume_state(config)
+        if state is not None:
+            try:
+                module.load_state_dict(state["module"])
+                optim.load_state_dict(state["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as err:
+                raise InputError(f"checkpoint {state['path']} does not fit this model: {err}") from None
+            checkpoint.set_rng_state(state["rng"], rng)
+            history, step, start = state["history"], state["step"], state["epoch"] + 1
+            best, best_state, stale = state["best"], state["best_state"], state["stale"]
+    bar = tqdm(range(start, config.max_epochs), desc="SPARTHA", unit="epoch", disable=not config.progress, initial=start)
     for epoch in bar:
         sums = torch.zeros(2, device=device)
         n_seen = 0
@@ -238,7 +268,38 @@ def _fit(
                 stale += 1
                 if stale >= config.patience:
                     break
+        if config.checkpoint_dir is not None and (epoch + 1) % config.checkpoint_every == 0:
+            state = {
+                "epoch": epoch, "step": step, "config": asdict(config), "module": module.state_dict(),
+                "optimizer": optim.state_dict(), "history": history, "best": best, "best_state": best_state,
+                "stale": stale, "rng": checkpoint.rng_state(rng),
+            }
+            checkpoint.write_checkpoint(config.checkpoint_dir, state, config.keep_checkpoints)
     if best_state is not None:
         module.load_state_dict(best_state)
     module.eval()
     return history
+
+
+def _resume_state(config: TrainConfig) -> dict | None:
+    """The checkpoint ``_fit`` continues from (``None``: start afresh), checked against ``config``."""
+    if config.checkpoint_every < 1 or config.keep_checkpoints < 1:
+        raise InputError("checkpoint_every and keep_checkpoints must be positive")
+    if not config.resume:
+        if checkpoint.checkpoint_files(config.checkpoint_dir):
+            raise InputError(
+                f"{config.checkpoint_dir} holds checkpoints of an earlier run; pass resume=True to continue it "
+                "or choose an empty folder"
+            )
+        return None
+    state = checkpoint.load_latest(config.checkpoint_dir)
+    if state is None:
+        return None
+    now, then = asdict(config), state["config"]
+    changed = sorted(k for k in now if k not in _RESUMABLE and now[k] != then.get(k))
+    if changed:
+        raise InputError(
+            f"checkpoint {state['path']} was written with other settings: "
+            + ", ".join(f"{k}={then.get(k)!r} (now {now[k]!r})" for k in changed)
+        )
+    return state

@@ -1,0 +1,135 @@
+"""Training checkpoints: a run killed at any moment and resumed ends where an uninterrupted run ends."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import spartha_pyro as sp
+from spartha_pyro import InputError
+from spartha_pyro.checkpoint import checkpoint_files
+
+EPOCHS = 4
+
+# One training run: python -c SCRIPT CHECKPOINT_DIR MODEL_DIR [resume]. torch's global seed
+# is random per process and initialises the module, so the script fixes it.
+SCRIPT = textwrap.dedent(
+    f"""
+    import sys
+    import torch
+    import spartha_pyro as sp
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+
+    adata = sp.datasets.simulate(n_spots=200, n_genes=40, histology_dim=8, seed=0)
+    sp.pp.annotate_qc(adata, batch_key="slide")
+    model = sp.SPARTHA(adata, label_keys=["cell_type"], batch_key="slide", hidden=16, y_dim=4, d_dim=2, r_dim=2, x_dim=2)
+    model.train(max_epochs={EPOCHS}, batch_size=100, validation=0.2, patience=50, progress=False, seed=3,
+                checkpoint_dir=sys.argv[1], checkpoint_every=1, keep_checkpoints=2, resume=len(sys.argv) > 3)
+    model.save(sys.argv[2])
+    """
+)
+
+
+def _train(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, *map(str, args)], stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
+    whole = _train(tmp_path / "ckpt_whole", tmp_path / "whole")
+    killed = _train(tmp_path / "ckpt", tmp_path / "killed")
+    deadline = time.monotonic() + 90
+    while len(checkpoint_files(tmp_path / "ckpt")) < 2:
+        assert killed.poll() is None and time.monotonic() < deadline, "training ended before its second checkpoint"
+        time.sleep(0.01)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "killed").exists()
+    resumed = _train(tmp_path / "ckpt", tmp_path / "resumed", "resume")
+    _finish(whole)
+    _finish(resumed)
+
+    adata = sp.datasets.simulate(n_spots=200, n_genes=40, histology_dim=8, seed=0)
+    a, b = sp.SPARTHA.load(tmp_path / "whole"), sp.SPARTHA.load(tmp_path / "resumed")
+    assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in b.history])
+    assert len(b.history) == EPOCHS
+    state_a, state_b = a.module.state_dict(), b.module.state_dict()
+    assert all(np.allclose(state_a[k], state_b[k]) for k in state_a)
+    pred_a = a.predict_expression(adata, num_samples=3, seed=0, value="mean").values
+    pred_b = b.predict_expression(adata, num_samples=3, seed=0, value="mean").values
+    assert np.isfinite(pred_a).all() and np.allclose(pred_a, pred_b)
+    assert [p.name for p in checkpoint_files(tmp_path / "ckpt")] == [f"ckpt-{EPOCHS - 1:06d}.pt", f"ckpt-{EPOCHS - 2:06d}.pt"]
+
+
+@pytest.fixture(scope="module")
+def small():
+    adata = sp.datasets.simulate(n_spots=120, n_genes=20, histology_dim=4, seed=1)
+    sp.pp.annotate_qc(adata, batch_key="slide")
+    return adata
+
+
+def _model(adata):
+    return sp.SPARTHA(adata, hidden=8, y_dim=2, d_dim=2, r_dim=2, x_dim=2)
+
+
+def test_keep_last_k_and_resume_rules(small, tmp_path):
+    model = _model(small)
+    model.train(max_epochs=5, batch_size=64, progress=False, checkpoint_dir=tmp_path, checkpoint_every=2, keep_checkpoints=1)
+    assert [p.name for p in checkpoint_files(tmp_path)] == ["ckpt-000003.pt"]
+    model.train(max_epochs=6, batch_size=64, progress=False, checkpoint_dir=tmp_path, keep_checkpoints=2, resume=True)
+    assert [p.name for p in checkpoint_files(tmp_path)] == ["ckpt-000005.pt", "ckpt-000004.pt"]
+    with pytest.raises(InputError, match="earlier run"):
+        _model(small).train(max_epochs=2, progress=False, checkpoint_dir=tmp_path)
+    with pytest.raises(InputError, match="other settings: batch_size"):
+        _model(small).train(max_epochs=8, batch_size=32, progress=False, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(InputError, match="needs checkpoint_dir"):
+        _model(small).train(max_epochs=2, progress=False, resume=True)
+    with pytest.raises(InputError, match="does not fit this model"):
+        sp.SPARTHA(small, hidden=12, y_dim=2, d_dim=2, r_dim=2, x_dim=2).train(
+            max_epochs=8, batch_size=64, progress=False, checkpoint_dir=tmp_path, resume=True
+        )
+    # resuming into an empty folder starts afresh
+    assert len(_model(small).train(max_epochs=1, progress=False, checkpoint_dir=tmp_path / "new", resume=True)) == 1
+
+
+def test_truncated_files_are_named(small, tmp_path):
+    model = _model(small)
+    model.train(max_epochs=2, batch_size=64, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    newest, older = checkpoint_files(tmp_path / "ckpt")
+    newest.write_bytes(newest.read_bytes()[:100])
+    with pytest.warns(UserWarning, match=newest.name):  # the latest complete one is used
+        history = _model(small).train(max_epochs=2, batch_size=64, progress=False, checkpoint_dir=tmp_path / "ckpt", resume=True)
+    assert len(history) == 2
+    for path in checkpoint_files(tmp_path / "ckpt"):
+        path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(InputError, match="ckpt-000001.pt.*ckpt-000000.pt"), pytest.warns(UserWarning):
+        _model(small).train(max_epochs=3, batch_size=64, progress=False, checkpoint_dir=tmp_path / "ckpt", resume=True)
+
+    model.save(tmp_path / "model")
+    weights = tmp_path / "model" / "model.pt"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(InputError, match=r"model\.pt"):
+        sp.SPARTHA.load(tmp_path / "model")
+
+
+def test_cli_checkpoint_flags(small, tmp_path):
+    from spartha_pyro.cli import main
+
+    data = tmp_path / "data.h5ad"
+    sp.io.write_h5ad(small, data)
+    common = ["train", str(data), "--quiet", "--batch-size", "64", "--hidden", "8", "--y-dim", "2", "--d-dim", "2",
+              "--r-dim", "2", "--x-dim", "2", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    main([*common, "-o", str(tmp_path / "m1"), "--max-epochs", "1"])
+    main([*common, "-o", str(tmp_path / "m2"), "--max-epochs", "2", "--resume"])
+    assert [p.name for p in checkpoint_files(tmp_path / "ckpt")] == ["ckpt-000001.pt", "ckpt-000000.pt"]
+    assert len(sp.SPARTHA.load(tmp_path / "m2").history) == 2
