@@ -355,6 +355,7 @@ class SPARTHA:
         batch_size: int = 256,
         seed: int = 0,
         out: str | os.PathLike | None = None,
+        overwrite: bool = False,
     ) -> xr.DataArray:
         """Generate expression for spots from their histology alone (posterior predictive).
 
@@ -383,6 +384,8 @@ class SPARTHA:
             holding ``num_samples × spots × genes`` in memory (peak memory
             ``num_samples × batch_size × genes``). Written under a temporary name in the
             same folder, then renamed; the returned array reads lazily from the file.
+        overwrite
+            Replace an existing ``out`` file (otherwise ``FileExistsError``).
 
         Returns
         -------
@@ -395,6 +398,8 @@ class SPARTHA:
             raise InputError(f"value must be 'counts' or 'mean', got {value!r}")
         if num_samples < 1:
             raise InputError("num_samples must be positive")
+        if out is not None and Path(out).exists() and not overwrite:
+            raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
         key = self.registry.histology_key
         if key not in adata.obsm:
             raise InputError(f"prediction needs histology in adata.obsm[{key!r}]")
@@ -556,19 +561,30 @@ class SPARTHA:
             raise InputError(f"{path / 'settings.json'} does not exist: not a saved SPARTHA model") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError(f"{path / 'settings.json'} is corrupt: {err}") from None
+        if not isinstance(settings, dict):
+            raise InputError(f"{path / 'settings.json'} is corrupt: not a JSON object")
         if settings.get("format_version", 0) > FORMAT_VERSION:
-            raise InputError(f"{path} was saved in format {settings['format_version']}; this library reads <= {FORMAT_VERSION}")
-        reg = Registry(**settings["registry"])
+            raise InputError(
+                f"{path / 'settings.json'} has format {settings['format_version']} (library "
+                f"{settings.get('library_version')}); this library reads <= {FORMAT_VERSION}: upgrade spartha-pyro"
+            )
         self = cls.__new__(cls)
-        self.registry, self.init_kwargs = reg, settings["init_kwargs"]
-        self.adata = adata
-        self._data = encode_adata(adata, reg, require_counts=True) if adata is not None else None
-        self.module = self._build_module(settings["n_train_spots"])
+        try:
+            self.registry, self.init_kwargs = Registry(**settings["registry"]), settings["init_kwargs"]
+            n_train_spots = settings["n_train_spots"]
+            self._data = None
+            self.module = self._build_module(n_train_spots)
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(f"{path / 'settings.json'} is corrupt: {type(err).__name__}: {err}") from None
         try:
             state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for truncated/corrupt files
-            raise InputError(f"{path / 'model.pt'} cannot be read (truncated or corrupt?): {err}") from None
-        self.module.load_state_dict(state)
+            self.module.load_state_dict(state)
+        except FileNotFoundError:
+            raise InputError(f"{path / 'model.pt'} does not exist: not a saved SPARTHA model") from None
+        except Exception as err:  # torch raises several types for truncated/corrupt/mismatched files
+            raise InputError(f"{path / 'model.pt'} cannot be read (truncated, corrupt or not this model's): {err}") from None
+        self.adata = adata
+        self._data = encode_adata(adata, self.registry, require_counts=True) if adata is not None else None
         self.module.eval()
         self.history = settings.get("history", [])
         self.is_trained = settings.get("is_trained", True)

@@ -1,5 +1,7 @@
 """Training checkpoints: a run killed at any moment and resumed ends where an uninterrupted run ends."""
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,3 +135,65 @@ def test_cli_checkpoint_flags(small, tmp_path):
     main([*common, "-o", str(tmp_path / "m2"), "--max-epochs", "2", "--resume"])
     assert [p.name for p in checkpoint_files(tmp_path / "ckpt")] == ["ckpt-000001.pt", "ckpt-000000.pt"]
     assert len(sp.SPARTHA.load(tmp_path / "m2").history) == 2
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_settings(path, **changes):
+    settings = json.loads(path.read_text())
+    path.write_text(json.dumps({**settings, **changes}))
+
+
+@pytest.fixture(scope="module")
+def saved(small, tmp_path_factory):
+    model = _model(small)
+    model.train(max_epochs=1, batch_size=64, progress=False)
+    folder = tmp_path_factory.mktemp("saved")
+    model.save(folder / "model")
+    sp.SPARTHA(small, hidden=12, y_dim=2, d_dim=2, r_dim=2, x_dim=2).save(folder / "other")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "fault, file, message",
+    [
+        (lambda d: _truncate(d / "model.pt"), "model.pt", "truncated"),
+        (lambda d: (d / "model.pt").write_bytes(b"\0" * 64), "model.pt", "corrupt"),
+        (lambda d: (d / "model.pt").unlink(), "model.pt", "does not exist"),
+        (lambda d: shutil.copy(d.parent / "other" / "model.pt", d / "model.pt"), "model.pt", "not this model's"),
+        (lambda d: _truncate(d / "settings.json"), "settings.json", "corrupt"),
+        (lambda d: (d / "settings.json").write_bytes(b"\xff\xfe\0"), "settings.json", "corrupt"),
+        (lambda d: (d / "settings.json").write_text("[]"), "settings.json", "not a JSON object"),
+        (lambda d: (d / "settings.json").write_text("{}"), "settings.json", "corrupt: KeyError"),
+        (lambda d: _edit_settings(d / "settings.json", registry={"genes": 3}), "settings.json", "corrupt"),
+        (lambda d: _edit_settings(d / "settings.json", format_version=99), "settings.json", "format 99"),
+    ],
+)
+def test_load_faults_name_the_file(saved, tmp_path, fault, file, message):
+    folder = tmp_path / "model"
+    shutil.copytree(saved / "model", folder)
+    shutil.copytree(saved / "other", tmp_path / "other")
+    fault(folder)
+    with pytest.raises(InputError, match=rf"{file}.*{message}"):
+        sp.SPARTHA.load(folder)
+
+
+def test_load_with_mismatched_adata(saved, small):
+    with pytest.raises(InputError, match="gene"):
+        sp.SPARTHA.load(saved / "model", adata=small[:, :10].copy())
+    wide = small.copy()
+    wide.obsm["histology"] = np.hstack([wide.obsm["histology"], wide.obsm["histology"]])
+    with pytest.raises(InputError, match="histology"):
+        sp.SPARTHA.load(saved / "model", adata=wide)
+    assert sp.SPARTHA.load(saved / "model", adata=small).is_trained
+
+
+def test_prediction_file_needs_overwrite(saved, small, tmp_path):
+    model = sp.SPARTHA.load(saved / "model")
+    out = tmp_path / "pred.nc"
+    first = model.predict_expression(small, num_samples=2, out=out).values
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        model.predict_expression(small, num_samples=2, out=out)
+    np.testing.assert_array_equal(model.predict_expression(small, num_samples=2, out=out, overwrite=True).values, first)
