@@ -31,6 +31,7 @@ from anndata import AnnData
 
 from .._errors import InputError
 from ..io._images import image_size, load_rgb
+from ..io.write import atomic_path
 
 #: The 35 sections with counts (patients A–H).
 HER2ST_SECTIONS: tuple[str, ...] = tuple(
@@ -116,10 +117,20 @@ def _read_selection(file: Path, section: str) -> pd.DataFrame:
     """Selected spots (``selected == 1``) indexed by ``"<x>x<y>"`` with pixel coordinates."""
     if not file.is_file():
         raise InputError(f"section {section!r}: spot coordinate file {str(file)!r} does not exist")
-    sel = pd.read_csv(file, sep="\t")
-    missing = {"x", "y", "pixel_x", "pixel_y"} - set(sel.columns)
+    try:
+        sel = pd.read_csv(file, sep="\t")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise InputError(f"section {section!r}: spot coordinate file {str(file)!r} cannot be parsed: {err}") from None
+    columns = ["x", "y", "pixel_x", "pixel_y"]
+    missing = set(columns) - set(sel.columns)
     if missing:
         raise InputError(f"section {section!r}: {str(file)!r} lacks columns {sorted(missing)}")
+    numeric = sel[columns].apply(pd.to_numeric, errors="coerce")
+    finite = np.isfinite(numeric.to_numpy(dtype=np.float64)).all(1)
+    if not finite.all():
+        rows = sel.index[~finite][:5].tolist()
+        raise InputError(f"section {section!r}: {str(file)!r} has missing or non-numeric coordinates in rows {rows}")
+    sel[columns] = numeric
     if "selected" in sel:
         sel = sel[sel["selected"] == 1]
     sel.index = sel["x"].astype(int).astype(str) + "x" + sel["y"].astype(int).astype(str)
@@ -403,18 +414,15 @@ def read_her2st(
 
 
 def _download(url: str, dest: Path, timeout: float) -> None:
-    """Fetch ``url`` to ``dest`` atomically (temporary name, then rename)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as fh:
-        while chunk := resp.read(1 << 20):
-            fh.write(chunk)
-    if dest.suffix == ".gz":
-        with open(tmp, "rb") as fh:
-            if fh.read(2) != b"\x1f\x8b":
-                tmp.unlink()
-                raise OSError(f"{url} did not return a gzip file (a Git LFS pointer or an error page?)")
-    os.replace(tmp, dest)
+    """Fetch ``url`` to ``dest`` atomically (:func:`~spartha_pyro.io.atomic_path`)."""
+    with urllib.request.urlopen(url, timeout=timeout) as resp, atomic_path(dest) as tmp:
+        with open(tmp, "wb") as fh:
+            while chunk := resp.read(1 << 20):
+                fh.write(chunk)
+        if dest.suffix == ".gz":
+            with open(tmp, "rb") as fh:
+                if fh.read(2) != b"\x1f\x8b":
+                    raise OSError(f"{url} did not return a gzip file (a Git LFS pointer or an error page?)")
 
 
 def her2st(

@@ -56,13 +56,19 @@ def load_rgb(path: str | Path, section: str, max_px: int | None = None) -> tuple
     Raises
     ------
     InputError
-        Missing, truncated or unreadable file (message names file and section).
+        Missing, truncated or unreadable file, or one with 16/32-bit integer or float pixels
+        (``convert("RGB")`` would clip or zero them); the message names file and section.
     """
     path = Path(path)
     width, height = image_size(path, section)
     scale = 1.0 if max_px is None or max(width, height) <= max_px else max_px / max(width, height)
     try:
         with Image.open(path) as im:
+            if im.mode.startswith(("I", "F")):
+                raise InputError(
+                    f"section {section!r}: image {str(path)!r} has {im.mode!r} pixels (16/32-bit or float); "
+                    "save it as 8-bit RGB"
+                )
             if scale < 1.0:
                 target = (max(1, round(width * scale)), max(1, round(height * scale)))
                 if im.format == "JPEG":
