@@ -112,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         qc_key=args.qc_key, layer=args.layer, artifact_latent=args.artifact_latent, likelihood=args.likelihood,
         y_dim=args.y_dim, d_dim=args.d_dim, r_dim=args.r_dim, x_dim=args.x_dim, hidden=args.hidden,
         aux_weights=_aux_weights(args.aux_weights), histology_weight=args.histology_weight,
-        histology_encoder=args.histology_encoder, histology_dropout=args.histology_dropout,
+        histology_encoder=args.histology_encoder, histology_dropout=args.histology_dropout, seed=args.seed,
     )
     print(model)
     history = model.train(

@@ -61,6 +61,9 @@ class SPARTHA:
         ``"mlp"`` or ``"linear"`` (ridge-like) histology-only encoder.
     histology_dropout
         Input dropout of the histology encoder.
+    seed
+        Seed of the initial weights (``train(seed=...)`` seeds minibatches and Monte Carlo
+        draws): the same seeds give the same fit.
 
     Examples
     --------
@@ -90,6 +93,7 @@ class SPARTHA:
         histology_weight: float = 1.0,
         histology_encoder: str = "mlp",
         histology_dropout: float = 0.2,
+        seed: int = 0,
     ):
         if isinstance(label_keys, str):
             label_keys = [label_keys]
@@ -107,7 +111,9 @@ class SPARTHA:
         )
         self.adata = adata
         self._data = encode_adata(adata, self.registry, require_counts=True)
-        self.module = self._build_module(self._data.n)
+        with torch.random.fork_rng(devices=[]):  # seeded initial weights; the global RNG is left as it was
+            torch.manual_seed(seed)
+            self.module = self._build_module(self._data.n)
         self.history: list[dict] = []
         self.device = torch.device("cpu")
         self.is_trained = False

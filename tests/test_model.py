@@ -178,3 +178,11 @@ def test_nan_during_training_names_the_term(sim):
         model.module.model.log_theta.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="x_t"):
         model.train(max_epochs=1, progress=False)
+
+
+def test_seed_fixes_initial_weights(sim):
+    a = sp.SPARTHA(sim, label_keys=["cell_type"], batch_key="slide", seed=1, **SMALL)
+    b = sp.SPARTHA(sim, label_keys=["cell_type"], batch_key="slide", seed=1, **SMALL)
+    c = sp.SPARTHA(sim, label_keys=["cell_type"], batch_key="slide", seed=2, **SMALL)
+    wa, wb, wc = (m.module.model.gene_logits.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
