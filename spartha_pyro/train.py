@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, distributed
 from ._errors import InputError
 from .data import SpotArrays, make_loader
+from .guides import classifier_targets
 from .module import SparthaModule, batch_args
 
 
@@ -128,8 +129,7 @@ def classifier_accuracy(module: SparthaModule, data: SpotArrays, idx: np.ndarray
     module.eval()
     batch = data.minibatch(idx, device, module.model.n_genes)
     params = module.guide_full.encode(batch["x_t"], batch["x_h"], batch["has_counts"], batch["has_histology"])
-    targets = {f"z_y{k}": batch["labels"][:, k] for k in range(batch["labels"].shape[1])}
-    targets.update(z_d=batch["batch"], z_r=batch["qc"])
+    targets = classifier_targets(batch["labels"], batch["batch"], batch["qc"], module.model.dims)
     out = {}
     for site, head in module.classifiers.heads.items():
         t = targets[site]

@@ -1,7 +1,6 @@
 """Bad input gets a clear InputError naming the key or spots; nothing silently wrong."""
 import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sps
 
