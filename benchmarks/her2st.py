@@ -52,18 +52,22 @@ from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 import spartha_pyro as sp  # noqa: E402
-from spartha_pyro.baselines import HisToGene, MeanPredictor, RidgePredictor  # noqa: E402
-from spartha_pyro.datasets.her2st import read_her2st  # noqa: E402
-from spartha_pyro.metrics import format_table, hvg_panel, normalize_log1p, probe_matrix, qcpr, regression_metrics  # noqa: E402
+from spartha_pyro.baselines import HisToGene, MeanPredictor, NBWrapper, RidgePredictor  # noqa: E402
+from spartha_pyro.datasets.her2st import HER2ST_IMAGED, HER2ST_SECTIONS, dominant_cell_type, read_her2st  # noqa: E402
+from spartha_pyro.metrics import calibration_records, format_table, hvg_panel, normalize_log1p, probe_matrix, qcpr, regression_metrics  # noqa: E402
 from spartha_pyro.pp.patches import iter_patches  # noqa: E402
 
-METHODS = ("spartha", "spatialdiva", "histogene", "ridge", "mean")
+#: SPARTHA trained with the count-only ``--extra-sections`` too, with the cluster labels or with
+#: cluster + pathology + dominant deconvolved cell type
+EXTRA_METHODS = {"spartha_all_sections": ["cluster"], "spartha_all_sections_3labels": ["cluster", "pathology", "cell_type"]}
+METHODS = ("spartha", "spatialdiva", "histogene", "ridge", "mean", *EXTRA_METHODS)
 #: table rows; ``spartha_pass`` comes from the ``spartha`` model
-ROWS = ("spartha", "spartha_pass", "spatialdiva", "histogene", "ridge", "mean")
+ROWS = ("spartha", "spartha_pass", *EXTRA_METHODS, "spatialdiva", "histogene", "ridge", "mean")
 PANELS = ("all", "hvg", "top250", "hist2st_785")
 #: short names of the feature blocks computed once and cached
 BLOCKS = {"lite0": "efficientnet_lite0", "stats": "stats"}
 REST = "__rest__"
+CALIBRATION = ("coverage50", "coverage80", "coverage90", "coverage95", "nll", "crps")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,7 +82,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--loso", action="store_true", help="hold out each section in turn (train on the others)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if m not in EXTRA_METHODS])
+    p.add_argument(
+        "--extra-sections", nargs="+", default=[],
+        help="count-only sections (or 'all': the 30 without an image) added to the training of the "
+        f"{list(EXTRA_METHODS)} methods; every method then scores on the genes shared by all sections read",
+    )
+    p.add_argument("--extra-epochs", type=int, default=15, help="epochs of the models trained with the extra sections")
     p.add_argument("--features", default="lite0+stats+nbr", help="'+'-joined blocks among lite0, stats; add 'nbr' for grid-neighbour means")
     p.add_argument("--train-genes", choices=["panels", "all"], default="panels", help="genes the generative models are trained on")
     p.add_argument("--n-hvg", type=int, default=2500)
@@ -89,6 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--histogene-epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-samples", type=int, default=200, help="posterior predictive draws per spot")
+    p.add_argument("--calib-samples", type=int, default=100, help="draws per spot scored for calibration (coverage, nll, crps)")
     p.add_argument("--sample-chunk", type=int, default=25, help="draws generated at a time (bounds memory)")
     p.add_argument("--pca", type=int, default=0, help="SPARTHA/SpatialDIVA see this many principal components of the features (0: raw)")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON of extra SPARTHA(...) arguments")
@@ -118,7 +129,10 @@ def prepare(args: argparse.Namespace, sections: list[str]) -> AnnData:
     feature block with its grid-neighbour mean and the HisToGene patches; cached as .h5ad."""
     cache = Path(args.cache) / f"her2st_{'-'.join(sorted(sections))}_features_p{args.patch_size}.h5ad"
     if cache.is_file():
-        return read_h5ad(cache)
+        adata = read_h5ad(cache)
+        if "cell_type" not in adata.obs:  # caches written before read_her2st added it
+            adata.obs["cell_type"] = dominant_cell_type(adata.obsm["deconv_major"])
+        return adata
     adata = read_her2st(args.data, sections=sections, join="inner")
     sp.pp.annotate_qc(adata, batch_key="slide", nmads=5)
     sp.pp.histology_features(adata, list(BLOCKS.values()), key_added="features", neighbors=True, progress=False)
@@ -127,6 +141,24 @@ def prepare(args: argparse.Namespace, sections: list[str]) -> AnnData:
     cache.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(cache)
     return adata
+
+
+def prepare_extra(args: argparse.Namespace, imaged: AnnData) -> tuple[AnnData, AnnData]:
+    """The count-only ``--extra-sections`` (QC-annotated per section, cached) and ``imaged``,
+    both restricted to the genes measured in every section (inner join: a gene missing from
+    a section's table is unmeasured there, not zero)."""
+    extra = [s for s in HER2ST_SECTIONS if s not in HER2ST_IMAGED] if args.extra_sections == ["all"] else args.extra_sections
+    cache = Path(args.cache) / f"her2st_extra_{'-'.join(sorted(extra))}.h5ad"
+    if cache.is_file():
+        counts_only = read_h5ad(cache)
+    else:
+        counts_only = read_her2st(args.data, sections=extra, join="inner")
+        sp.pp.annotate_qc(counts_only, batch_key="slide", nmads=5)
+        counts_only.uns.pop("spatial", None)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        counts_only.write_h5ad(cache)
+    genes = imaged.var_names[imaged.var_names.isin(counts_only.var_names)]
+    return imaged[:, genes].copy(), counts_only[:, genes].copy()
 
 
 def select_features(adata: AnnData, spec: str) -> np.ndarray:
@@ -171,15 +203,16 @@ def modelled_genes(adata: AnnData, panels: dict, train_genes: str) -> AnnData:
 
 
 # ---------------------------------------------------------------------------- methods
-def train_spartha(method: str, train: AnnData, args, seed: int, validation: str | None) -> sp.SPARTHA:
-    """SPARTHA (``artifact_latent`` for ``"spartha"``) early-stopped on the ``validation``
-    section; with ``--refit`` retrained on every training section for the chosen number of
-    epochs. ``validation=None`` trains on every training section for ``--epochs`` epochs."""
+def train_spartha(method: str, train: AnnData, args, seed: int, validation: str | None, label_keys=("cluster",), epochs=None) -> sp.SPARTHA:
+    """SPARTHA (``artifact_latent`` unless ``"spatialdiva"``) early-stopped on the
+    ``validation`` section; with ``--refit`` retrained on every training section for the
+    chosen number of epochs. ``validation=None`` trains on every training section for
+    ``epochs`` (default ``--epochs``) epochs."""
 
     def fit(validation_sections, epochs):
         model = sp.SPARTHA(
-            train, histology_key="histology", label_keys=["cluster"], batch_key="slide",
-            qc_key="qc_pass", artifact_latent=method == "spartha", **args.model_kwargs,
+            train, histology_key="histology", label_keys=list(label_keys), batch_key="slide",
+            qc_key="qc_pass", artifact_latent=method != "spatialdiva", **args.model_kwargs,
         )
         model.train(
             max_epochs=epochs, batch_size=args.batch_size, validation=validation_sections,
@@ -187,9 +220,10 @@ def train_spartha(method: str, train: AnnData, args, seed: int, validation: str 
         )
         return model
 
+    epochs = epochs or args.epochs
     if validation is None:
-        return fit(None, args.epochs)
-    model = fit([validation], args.epochs)
+        return fit(None, epochs)
+    model = fit([validation], epochs)
     if not args.refit:
         return model
     val = [h["val_loss_histology"] for h in model.history]
@@ -197,17 +231,20 @@ def train_spartha(method: str, train: AnnData, args, seed: int, validation: str 
 
 
 def posterior_predictive(model: sp.SPARTHA, adata: AnnData, artifact: str, args, seed: int):
-    """Posterior predictive mean in the metric's space and the first chunk of sampled counts.
+    """Posterior predictive mean in the metric's space, QCPR draws and calibration draws.
 
     The mean over ``args.num_samples`` draws of ``normalize_log1p(counts)`` (normalised over
     every modelled column, ``__rest__`` included, which is then dropped), generated
-    ``args.sample_chunk`` draws at a time with seeds ``seed * 1000 + chunk``.
+    ``args.sample_chunk`` draws at a time with seeds ``seed * 1000 + chunk``. The first
+    ``args.calib_samples`` draws are kept, with their NB means (same seeds, so the same
+    latent and library draws), for the calibration scores.
 
     Returns
     -------
-    ``(prediction (spots × genes), genes, counts of the first chunk (sample × spot × column))``.
+    ``(prediction (spots × genes), genes, counts of the first chunk (sample × spot × column),
+    (count draws, NB-mean draws, theta) over every modelled column)``.
     """
-    total, first = None, None
+    total, first, kept, means = None, None, [], []
     n_chunks = -(-args.num_samples // args.sample_chunk)
     for chunk in range(n_chunks):
         n = min(args.sample_chunk, args.num_samples - chunk * args.sample_chunk)
@@ -215,9 +252,23 @@ def posterior_predictive(model: sp.SPARTHA, adata: AnnData, artifact: str, args,
         part = normalize_log1p(counts.values, dtype=np.float32).sum(0)
         total = part if total is None else total + part
         first = counts if first is None else first
+        if chunk * args.sample_chunk < args.calib_samples:
+            kept.append(counts.values)
+            means.append(
+                model.predict_expression(adata, num_samples=n, artifact=artifact, value="mean", seed=seed * 1000 + chunk).values
+            )
     genes = list(first["gene"].values)
     keep = [i for i, g in enumerate(genes) if g != REST]
-    return total[:, keep] / args.num_samples, [genes[i] for i in keep], first
+    calibration = (np.concatenate(kept)[: args.calib_samples], np.concatenate(means)[: args.calib_samples], model.dispersion)
+    return total[:, keep] / args.num_samples, [genes[i] for i in keep], first, calibration
+
+
+def nb_baseline(predictor, train: AnnData, test_hist: AnnData, args, seed: int):
+    """Calibration draws of a point predictor wrapped in an NB (:class:`NBWrapper`; per-gene
+    scale and dispersion fit on section-grouped cross-fitted training predictions, library =
+    the median training library), over the modelled columns ``train`` holds."""
+    nb = NBWrapper(predictor, group_key="slide", seed=seed).fit(train)
+    return nb.sample(test_hist, num_samples=args.calib_samples, seed=seed).values, nb.mean(test_hist)[None], nb.theta_
 
 
 def pca_histology(train: AnnData, test: AnnData, n_components: int) -> tuple[AnnData, AnnData]:
@@ -250,21 +301,37 @@ def probe(model: sp.SPARTHA, seed: int) -> xr.DataArray:
     return probe_matrix(latents, factors, np.sort(perm[:cut]), np.sort(perm[cut:]), seed=seed)
 
 
-def run_method(method, train, test, panels, args, seed, validation):
+def with_extra_sections(train: AnnData, extra: AnnData) -> AnnData:
+    """The imaged training spots and the count-only spots as one AnnData (histology NaN where
+    there is no image), via :func:`spartha_pyro.pp.combine_sections`."""
+    parts = {"imaged": train, "extra": extra}
+    combined = sp.pp.combine_sections(parts, histology_key="histology", batch_key="part", counts_key="has_counts")
+    combined.obs["slide"] = combined.obs["slide"].astype(str).astype("category")
+    return combined
+
+
+def run_method(method, train, test, panels, args, seed, validation, extra=None):
     """Predictions for ``test`` from its histology alone: ``{row: (log1p-normalised
-    prediction (spots × genes), genes, sampled counts or None)}`` and, for SPARTHA, the probe
-    matrix."""
+    prediction (spots × genes), genes, sampled counts or None, calibration draws or None)}``
+    and, for SPARTHA, the probe matrix. Ridge and the mean get their calibration draws from
+    an NB around them, fit on the modelled columns (as SPARTHA's)."""
     keep = ["histology", "patches"] if method == "histogene" else ["histology"]
     test_hist = AnnData(obs=test.obs[["slide", "array_x", "array_y"]].copy(), obsm={k: test.obsm[k] for k in keep})
-    if method == "mean":
-        return {method: (MeanPredictor().fit(train).predict(test_hist), train.var_names, None)}, None
-    if method == "ridge":
-        return {method: (RidgePredictor("histology", group_key="slide").fit(train).predict(test_hist), train.var_names, None)}, None
+    if method in ("mean", "ridge"):
+        make = (lambda: MeanPredictor()) if method == "mean" else (lambda: RidgePredictor("histology", group_key="slide"))
+        calibration = nb_baseline(make(), modelled_genes(train, panels, args.train_genes), test_hist, args, seed)
+        return {method: (make().fit(train).predict(test_hist), train.var_names, None, calibration)}, None
     if method == "histogene":
         model = HisToGene(seed=seed).fit(train, coord_key=("array_x", "array_y"), epochs=args.histogene_epochs)
-        return {method: (model.predict(test_hist, coord_key=("array_x", "array_y")), train.var_names, None)}, None
+        return {method: (model.predict(test_hist, coord_key=("array_x", "array_y")), train.var_names, None, None)}, None
     if args.pca:
         train, test_hist = pca_histology(train, test_hist, args.pca)
+    if method in EXTRA_METHODS:
+        if extra is None:
+            raise sp.InputError(f"{method} needs --extra-sections")
+        combined = modelled_genes(with_extra_sections(train, extra), panels, args.train_genes)
+        model = train_spartha(method, combined, args, seed, validation, EXTRA_METHODS[method], args.extra_epochs)
+        return {method: posterior_predictive(model, test_hist, "posterior", args, seed)}, None
     model = train_spartha(method, modelled_genes(train, panels, args.train_genes), args, seed, validation)
     modes = {"spartha": "posterior", "spartha_pass": "pass"} if method == "spartha" else {method: "posterior"}
     out = {row: posterior_predictive(model, test_hist, artifact, args, seed) for row, artifact in modes.items()}
@@ -272,8 +339,9 @@ def run_method(method, train, test, panels, args, seed, validation):
 
 
 # ---------------------------------------------------------------------------- main
-def score(pred, genes, counts, test, obs, panels) -> list[dict]:
-    """Point metrics on every panel the prediction covers, and QCPR from the sampled counts."""
+def score(pred, genes, counts, calibration, test, obs, panels, args, seed) -> list[dict]:
+    """Point metrics on every panel the prediction covers, QCPR from the sampled counts and
+    calibration scores (coverage, NB-mixture NLL, CRPS on log1p) from the calibration draws."""
     genes = pd.Index(genes)
     cols = test.var_names.get_indexer(genes)
     covered = {k: v for k, v in panels.items() if (v is None and len(genes) == test.n_vars) or (v is not None and genes.isin(v).sum() == len(v))}
@@ -281,6 +349,10 @@ def score(pred, genes, counts, test, obs, panels) -> list[dict]:
     if counts is not None:  # QC of the modelled genes (``__rest__`` left out) against the real spots
         generated = counts.sel(gene=list(genes)).values
         rows += [{"panel": "qc", "metric": k, "value": v} for k, v in qcpr(generated, test.X[:, cols], genes).items()]
+    if calibration is not None:
+        observed = modelled_genes(test, panels, args.train_genes)
+        named = {k: v for k, v in panels.items() if v is not None}
+        rows += calibration_records(*calibration, observed.X, panels=named, var_names=observed.var_names, seed=seed)
     return rows
 
 
@@ -289,6 +361,11 @@ def main(argv=None) -> list[dict]:
     sections = list(dict.fromkeys(args.train_sections + args.test_sections))
     adata = prepare(args, sections)
     adata.obsm["histology"] = select_features(adata, args.features)
+    extra = None
+    if args.extra_sections:
+        adata, extra = prepare_extra(args, adata)
+        print(f"with --extra-sections: {extra.n_obs} count-only spots from {extra.obs['slide'].nunique()} sections; "
+              f"every method scores on the {adata.n_vars} genes all sections share", flush=True)
     splits = (
         [([s for s in sections if s != t], t) for t in sections]
         if args.loso
@@ -308,21 +385,26 @@ def main(argv=None) -> list[dict]:
         for method in args.methods:
             for seed in args.seeds:
                 start = time.perf_counter()
-                preds, probe_da = run_method(method, train, test, panels, args, seed, validation)
+                preds, probe_da = run_method(method, train, test, panels, args, seed, validation, extra)
                 seconds = time.perf_counter() - start
                 if probe_da is not None:
                     probes.append(probe_da)
-                for row, (pred, genes, counts) in preds.items():
-                    rows = score(pred, genes, counts, test, obs, panels)
+                for row, (pred, genes, counts, calibration) in preds.items():
+                    rows = score(pred, genes, counts, calibration, test, obs, panels, args, seed)
                     records += [
                         {"method": row, "section": test_section, "seed": seed, "seconds": seconds,
                          "features": args.features, "train_genes": args.train_genes, **r}
                         for r in rows
                     ]
                     pcc = {r["panel"]: round(r["value"], 4) for r in rows if r["metric"] == "pcc_gene"}
-                    print(f"{row:12s} test={test_section} seed={seed} {seconds:7.1f}s pcc_gene={pcc}", flush=True)
+                    cov = {r["panel"]: round(r["value"], 3) for r in rows if r["metric"] == "coverage90"}
+                    print(f"{row:12s} test={test_section} seed={seed} {seconds:7.1f}s pcc_gene={pcc} coverage90={cov}", flush=True)
     Path(args.out).write_text(json.dumps(records, indent=1))
-    print(format_table(records, panels=PANELS, methods=[r for r in ROWS if any(x["method"] == r for x in records)]))
+    methods = [r for r in ROWS if any(x["method"] == r for x in records)]
+    print(format_table(records, panels=PANELS, methods=methods))
+    if any(r["metric"] in CALIBRATION for r in records):
+        print("\ncalibration of the predictive distributions (ridge and mean: NB around the point prediction)")
+        print(format_table(records, panels=PANELS[1:], metrics=CALIBRATION, qc_metrics=(), methods=methods))
     if probes:
         mean_probe = xr.concat(probes, "run", coords="minimal", compat="override").mean("run").rename("balanced_accuracy")
         print("\nprobe matrix (balanced accuracy, held-out spots, mean over seeds/sections)")

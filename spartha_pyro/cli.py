@@ -109,7 +109,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     adata = datasets.load(args.input, kind="h5ad", sections=args.sections)
     model = SPARTHA(
         adata, histology_key=args.histology_key, label_keys=args.label_keys or [], batch_key=args.batch_key,
-        qc_key=args.qc_key, layer=args.layer, artifact_latent=args.artifact_latent, likelihood=args.likelihood,
+        qc_key=args.qc_key, layer=args.layer, counts_key=args.counts_key, artifact_latent=args.artifact_latent,
+        likelihood=args.likelihood,
         y_dim=args.y_dim, d_dim=args.d_dim, r_dim=args.r_dim, x_dim=args.x_dim, hidden=args.hidden,
         aux_weights=_aux_weights(args.aux_weights), histology_weight=args.histology_weight,
         histology_encoder=args.histology_encoder, histology_dropout=args.histology_dropout, seed=args.seed,
@@ -227,6 +228,8 @@ def _add_train(sub) -> None:
     g.add_argument("--batch-key", type=_none_or_str, default="slide", help="obs column of the batch/slide ('none': one batch)")
     g.add_argument("--qc-key", type=_none_or_str, default="qc_pass", help="obs column of QC pass/fail")
     g.add_argument("--layer", default=None, help="layer with raw counts (default X)")
+    g.add_argument("--counts-key", default=None,
+                   help="boolean obs column, False for spots without measured counts (default: all have counts)")
     g = p.add_argument_group("model")
     g.add_argument("--no-artifact-latent", dest="artifact_latent", action="store_false",
                    help="drop the artifact latent Z_r: the SpatialDIVA ablation")

@@ -21,13 +21,18 @@ Conventions
 - Missing labels: NaN / empty in the ``obs`` column → code ``-1`` (unlabelled spot).
 - Missing histology: a row that is entirely NaN in ``obsm[histology_key]`` (or an AnnData
   without that key at all when the spot has counts) → ``has_histology = False``.
-- Missing counts: an AnnData with no genes (``n_vars == 0``) → ``has_counts = False``.
+- Missing counts: an AnnData with no genes (``n_vars == 0``) → ``has_counts = False`` for
+  every spot; in an AnnData mixing spots with and without counts, a boolean ``obs`` column
+  named by ``counts_key`` (``True`` = the spot's counts were measured; the ``X`` rows of the
+  other spots are ignored, never read as zeros).
+- A training spot needs counts or histology (or both).
 - QC labels: ``"pass"``/``"fail"`` strings (any case) or booleans (``True`` = pass).
 """
 from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -57,6 +62,7 @@ class Registry:
     batch_categories: list[str] = field(default_factory=list)
     histology_mean: list[float] = field(default_factory=list)
     histology_std: list[float] = field(default_factory=list)
+    counts_key: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,8 +73,9 @@ class SpotArrays:
     """Host arrays for ``n`` spots under a registry.
 
     ``counts`` is CSR float32 ``(n, G)``, a :class:`BackedCounts` (rows read from disk on
-    demand) or ``None``; ``x_h`` float32 ``(n, H)`` standardised (missing rows zero); codes
-    are int64 with ``-1`` for missing.
+    demand) or ``None``; ``count_mask`` bool ``(n,)`` marks the spots whose counts were
+    measured (``None``: all of them, when ``counts`` is given); ``x_h`` float32 ``(n, H)``
+    standardised (missing rows zero); codes are int64 with ``-1`` for missing.
     """
 
     obs_names: pd.Index
@@ -78,6 +85,7 @@ class SpotArrays:
     labels: np.ndarray
     batch: np.ndarray
     qc: np.ndarray
+    count_mask: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -85,6 +93,8 @@ class SpotArrays:
 
     @property
     def has_counts(self) -> np.ndarray:
+        if self.counts is not None and self.count_mask is not None:
+            return self.count_mask
         return np.full(self.n, self.counts is not None)
 
     def minibatch(self, idx: np.ndarray, device: torch.device, n_genes: int) -> dict[str, torch.Tensor]:
@@ -356,6 +366,16 @@ def _histology(adata: AnnData, key: str, width: int | None) -> tuple[np.ndarray,
     return H, ~missing
 
 
+def _count_mask(adata: AnnData, key: str) -> np.ndarray:
+    """``obs[key]`` as a bool mask of spots with measured counts (``True``/``False`` only)."""
+    if key not in adata.obs:
+        raise InputError(f"counts_key {key!r} is not a column of adata.obs")
+    col = adata.obs[key]
+    if not pd.api.types.is_bool_dtype(col):
+        raise InputError(f"obs[{key!r}] must be boolean (True = the spot's counts were measured), got dtype {col.dtype}")
+    return col.to_numpy(dtype=bool)
+
+
 def _codes(values: pd.Series, categories: Sequence[str]) -> np.ndarray:
     cat = pd.Categorical(values.astype("string").where(values.notna()), categories=list(categories))
     return np.asarray(cat.codes, dtype=np.int64)
@@ -383,8 +403,14 @@ def build_registry(
     batch_key: str | None,
     qc_key: str | None,
     layer: str | None = None,
+    counts_key: str | None = None,
 ) -> Registry:
-    """Validate a training AnnData and record genes, categories and histology scaling."""
+    """Validate a training AnnData and record genes, categories and histology scaling.
+
+    Warns when a label set has no label on any spot with histology: its classifier then
+    never sees an imaged spot, and the histology-only path learns that latent through the
+    decoder alone.
+    """
     _check_obs_names(adata)
     if adata.n_vars == 0:
         raise InputError("the training AnnData has no genes: SPARTHA needs counts to learn expression")
@@ -410,6 +436,23 @@ def build_registry(
     H, has = _histology(adata, histology_key, None)
     if not has.any():
         raise InputError(f"obsm[{histology_key!r}] is missing (all NaN) for every spot")
+    if counts_key is not None:
+        measured = _count_mask(adata, counts_key)
+        if not measured.any():
+            raise InputError(f"obs[{counts_key!r}] is False for every spot: SPARTHA needs counts to learn expression")
+        if (~measured & ~has).any():
+            raise InputError(
+                f"spots {_name_spots(adata.obs_names, ~measured & ~has)} have neither counts "
+                f"(obs[{counts_key!r}] False) nor histology (all-NaN obsm[{histology_key!r}]): drop them"
+            )
+    for key in label_keys:
+        if not adata.obs[key].notna().to_numpy()[has].any():
+            where = f" (sections with histology: {sorted(adata.obs.loc[has, batch_key].astype(str).unique())})" if batch_key else ""
+            warnings.warn(
+                f"label column obs[{key!r}] has no label on any spot with histology{where}: the histology "
+                f"path learns its latent only through the decoder",
+                stacklevel=3,
+            )
     mean = H[has].mean(0)
     std = H[has].std(0)
     std = np.where(std > 1e-6, std, 1.0)
@@ -425,6 +468,7 @@ def build_registry(
         batch_categories=list(batch_categories),
         histology_mean=mean.astype(float).tolist(),
         histology_std=std.astype(float).tolist(),
+        counts_key=counts_key,
     )
 
 
@@ -432,7 +476,8 @@ def encode_adata(adata: AnnData, registry: Registry, require_counts: bool = Fals
     """Arrays for ``adata`` under ``registry``.
 
     Counts are aligned to the training genes by name when ``adata`` has genes; an AnnData
-    with ``n_vars == 0`` (histology only) gets ``counts=None``. Labels, batches and QC are
+    with ``n_vars == 0`` (histology only) gets ``counts=None``; with the registry's
+    ``counts_key`` in ``obs``, that column marks which spots' counts were measured. Labels, batches and QC are
     optional here (codes ``-1`` when absent or unseen: an unseen batch is allowed and its
     batch latent is inferred from histology).
     """
@@ -459,6 +504,9 @@ def encode_adata(adata: AnnData, registry: Registry, require_counts: bool = Fals
             counts = X[:, order].tocsr()
     elif require_counts:
         raise InputError("this AnnData has no genes, but counts are required here")
+    count_mask = None
+    if counts is not None and registry.counts_key is not None and registry.counts_key in adata.obs:
+        count_mask = _count_mask(adata, registry.counts_key)
 
     if registry.histology_key in adata.obsm:
         H, has_h = _histology(adata, registry.histology_key, registry.histology_dim)
@@ -489,6 +537,7 @@ def encode_adata(adata: AnnData, registry: Registry, require_counts: bool = Fals
         labels=labels,
         batch=batch,
         qc=_qc_codes(adata, registry.qc_key),
+        count_mask=count_mask,
     )
 
 

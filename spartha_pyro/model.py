@@ -33,18 +33,27 @@ class SPARTHA:
     ----------
     adata
         Training spots: raw counts over all genes in ``X`` (or ``layers[layer]``; sparse CSR
-        is the normal case), histology vectors in ``obsm[histology_key]``.
+        is the normal case), histology vectors in ``obsm[histology_key]``. Every spot is
+        used: a spot without histology (an all-NaN row of ``obsm[histology_key]``, e.g. a
+        count-only section) still trains the decoder, priors and classifiers; a spot without
+        counts (``counts_key``) still trains the histology path. See
+        :func:`spartha_pyro.pp.combine_sections` to build such an AnnData.
     histology_key
         ``obsm`` key of the histology representation ``X_h`` (float, spots × features).
     label_keys
         ``obs`` columns of the biological label sets ``L^k`` (categorical; missing = unlabelled).
-        Each gets its own latent ``Z_y^k``. May be empty.
+        Each gets its own latent ``Z_y^k``. May be empty. The prior of a spot whose ``L^k``
+        is missing is the mixture of the class priors weighted by the class frequencies
+        (not the classifier's posterior).
     batch_key
         ``obs`` column of the batch/slide ``L_d`` (``None``: one batch).
     qc_key
         ``obs`` column of QC pass/fail ``L_r`` (see :func:`spartha_pyro.pp.annotate_qc`).
     layer
         Layer holding raw counts instead of ``X``.
+    counts_key
+        Boolean ``obs`` column, ``False`` for spots whose counts were not measured (their
+        ``X`` rows are ignored); ``None``: every spot has counts.
     artifact_latent
         ``False`` removes ``Z_r`` and its classifier: the SpatialDIVA baseline.
     likelihood
@@ -82,6 +91,7 @@ class SPARTHA:
         batch_key: str | None = None,
         qc_key: str | None = "qc_pass",
         layer: str | None = None,
+        counts_key: str | None = None,
         artifact_latent: bool = True,
         likelihood: str = "nb",
         y_dim: int = 16,
@@ -103,7 +113,9 @@ class SPARTHA:
             raise InputError(
                 f"qc_key {qc_key!r} is not a column of adata.obs; run sp.pp.annotate_qc(adata) first"
             )
-        self.registry = build_registry(adata, histology_key, list(label_keys), batch_key, qc_key if artifact_latent else None, layer)
+        self.registry = build_registry(
+            adata, histology_key, list(label_keys), batch_key, qc_key if artifact_latent else None, layer, counts_key
+        )
         self.init_kwargs = dict(
             artifact_latent=artifact_latent, likelihood=likelihood, y_dim=y_dim, d_dim=d_dim, r_dim=r_dim,
             x_dim=x_dim, hidden=hidden, aux_weights=dict(aux_weights or {}), histology_weight=histology_weight,

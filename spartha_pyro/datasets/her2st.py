@@ -32,6 +32,7 @@ from anndata import AnnData
 from .._errors import InputError
 from ..io._images import image_size, load_rgb
 from ..io.write import atomic_path
+from ..pp.combine import align_genes, check_gene_overlap, joined_genes
 
 #: The 35 sections with counts (patients A–H).
 HER2ST_SECTIONS: tuple[str, ...] = tuple(
@@ -227,39 +228,11 @@ def _check_inside(xy: np.ndarray, size: tuple[int, int], scale: float, file: Pat
         )
 
 
-def _union_genes(gene_sets: dict[str, pd.Index], join: str) -> pd.Index:
-    """Inner or outer join of gene names, in first-seen order; warns for poorly overlapping sections."""
-    if join not in ("inner", "outer"):
-        raise InputError(f"join must be 'inner' or 'outer', got {join!r}")
-    order = list(gene_sets)
-    if len(order) > 1:
-        for s in order:
-            others = set.intersection(*(set(gene_sets[o]) for o in order if o != s))
-            if others and len(others & set(gene_sets[s])) < 0.5 * len(others):
-                warnings.warn(
-                    f"section {s!r} shares fewer than 50% of the genes common to the other "
-                    f"sections; with join={join!r} it "
-                    + ("shrinks the gene set drastically: use join='outer' or leave it out"
-                       if join == "inner" else "adds mostly zero-filled genes"),
-                    stacklevel=3,
-                )
-    if join == "inner":
-        common = set.intersection(*(set(g) for g in gene_sets.values()))
-        return pd.Index([g for g in gene_sets[order[0]] if g in common])
-    seen: dict[str, None] = {}
-    for s in order:
-        seen.update(dict.fromkeys(gene_sets[s]))
-    return pd.Index(list(seen))
-
-
-def _align_columns(X: sp.csr_matrix, genes: pd.Index, target: pd.Index) -> sp.csr_matrix:
-    """Reorder/drop/zero-fill the gene columns of ``X`` to ``target``."""
-    pos = target.get_indexer(genes)
-    coo = X.tocoo()
-    keep = pos[coo.col] >= 0
-    return sp.csr_matrix(
-        (coo.data[keep], (coo.row[keep], pos[coo.col[keep]])), shape=(X.shape[0], target.size)
-    )
+def dominant_cell_type(proportions: pd.DataFrame) -> pd.Categorical:
+    """Per spot, the cell type (column) of largest proportion; NaN for spots without
+    proportions (a NaN or all-zero row). ``proportions``: spots × cell types."""
+    known = proportions.notna().all(1) & (proportions.sum(1) > 0)
+    return pd.Categorical(proportions[known].idxmax(axis=1).reindex(proportions.index))
 
 
 def read_her2st(
@@ -294,7 +267,8 @@ def read_her2st(
 
     - ``obs``: ``slide`` (section), ``patient``, ``cluster`` (``"<patient>_<n>"``; numbers are
       per patient), ``cluster_annotation``, ``pathology`` (NaN where absent), ``has_image``,
-      ``array_x``, ``array_y``;
+      ``array_x``, ``array_y``, and ``cell_type``: the cell type of largest proportion at the
+      first ``deconvolution`` level (NaN where the spot has no proportions);
     - ``obsm["spatial"]``: full-resolution pixel coordinates ``(pixel_x, pixel_y)``,
       shape ``(n_spots, 2)``; sections without an image still get them;
     - ``uns["spatial"][section]`` for imaged sections: ``images["lowres"]`` (uint8 RGB),
@@ -391,8 +365,9 @@ def read_her2st(
         obs_parts.append(obs)
         xy_parts.append(xy)
 
-    var_names = _union_genes(gene_sets, join)
-    X = sp.vstack([_align_columns(matrices.pop(s), gene_sets[s], var_names) for s in sections], format="csr")
+    check_gene_overlap(gene_sets, join, min_overlap=0.5, action="warn")
+    var_names = joined_genes(gene_sets, join)
+    X = sp.vstack([align_genes(matrices.pop(s), gene_sets[s], var_names) for s in sections], format="csr")
     obs = pd.concat(obs_parts)
     for col in ("slide", "patient", "cluster", "cluster_annotation", "pathology"):
         obs[col] = pd.Categorical(obs[col])
@@ -408,6 +383,8 @@ def read_her2st(
             df = df[~df.index.duplicated()].reindex(adata.obs_names)
             df.columns = df.columns.astype(str)
             adata.obsm[f"deconv_{level}"] = df.astype(np.float64)
+    if deconvolution and f"deconv_{deconvolution[0]}" in adata.obsm:
+        adata.obs["cell_type"] = dominant_cell_type(adata.obsm[f"deconv_{deconvolution[0]}"])
     adata.uns["spatial"] = spatial
     adata.uns["her2st"] = {"join": join, "unjoined": unjoined}
     return adata
