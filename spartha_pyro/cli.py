@@ -130,6 +130,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     """Predict expression from histology with a saved model; write summaries (and draws)."""
     from . import SPARTHA, datasets, io, predictions
 
+    existing = [f for f in (args.out, args.samples) if f and Path(f).exists()]
+    if existing and not args.overwrite:
+        raise InputError(f"{existing} already exist; pass --overwrite to replace them")
     adata = datasets.load(args.input, kind="h5ad", sections=args.sections)
     model = SPARTHA.load(args.model, device=args.device)
     print(f"predicting {adata.n_obs} spots × {len(model.registry.genes)} genes, {args.num_samples} draws each")
@@ -270,6 +273,7 @@ def _add_predict(sub) -> None:
     p.add_argument("input", help=".h5ad with obsm['histology'] (counts not needed)")
     p.add_argument("-o", "--out", required=True, help="output .h5ad of predictions")
     p.add_argument("--samples", help="also write every draw to this NetCDF (.nc) file")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--sections", nargs="+", help="predict these obs['slide'] sections only (default all)")
     p.add_argument("--num-samples", type=int, default=20, help="posterior predictive draws per spot")
     p.add_argument("--artifact", default="pass", choices=["pass", "posterior"],

@@ -90,6 +90,7 @@ def test_yaml_config_and_flags_override(pipeline: Path):
         ["train"],  # usage: no input, no --out
         ["predict", "no-model-here", "{d}/prep.h5ad", "-o", "{d}/x.h5ad"],  # not a model folder
         ["train", "{d}/prep.h5ad", "-o", "{d}/model"],  # model exists, no --overwrite
+        ["predict", "{d}/model", "{d}/prep.h5ad", "-o", "{d}/pred.h5ad"],  # output exists, no --overwrite
         ["train", "{d}/prep.h5ad", "-o", "{d}/m2", "--label-keys", "nope"],  # obs key missing
         ["train", "{d}/prep.h5ad", "--config", "{d}/bad.toml"],  # unknown config key
         ["evaluate", "{d}/pred.h5ad", "{d}/sim.h5ad", "--samples", "{d}/missing.nc"],
