@@ -57,14 +57,14 @@ class AuxClassifiers(nn.Module):
         )
 
     def logits(self, site: str, z: torch.Tensor) -> torch.Tensor:
-        """``(B, C)`` class logits of ``q_psi(L | z)`` for latent ``site``."""
-        return self.heads[site](z)
+        """``(B, C)`` float32 class logits of ``q_psi(L | z)`` for latent ``site``."""
+        return self.heads[site](z).float()
 
     def factors(self, z: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], weights: Mapping[str, float]):
         """Add ``-w * log q_psi(L | z)`` per classified site as a guide factor (missing labels masked)."""
-        for site, head in self.heads.items():
+        for site in self.heads:
             target = targets[site]
-            log_q = dist.Categorical(logits=head(z[site])).log_prob(target.clamp(min=0))
+            log_q = dist.Categorical(logits=self.logits(site, z[site])).log_prob(target.clamp(min=0))
             pyro.factor(f"aux_{site}", -weights[site] * log_q * (target >= 0), has_rsample=True)
 
 
@@ -91,7 +91,7 @@ class NormalHeads(nn.Module):
     def forward(self, h: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         out = {}
         for site, head in self.heads.items():
-            loc, raw = head(h).chunk(2, -1)
+            loc, raw = head(h).float().chunk(2, -1)  # float32 Normal parameters, also under autocast
             out[site] = (loc, F.softplus(raw) + 1e-4)
         return out
 

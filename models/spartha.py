@@ -148,17 +148,18 @@ class SparthaModel(PyroModule):
         return priors
 
     def decode(self, z: torch.Tensor):
-        """Decoder heads for concatenated latents ``z`` ``(batch, sum(dims))``."""
+        """Decoder heads for concatenated latents ``z`` ``(batch, sum(dims))``; every output
+        is float32 (under bfloat16 autocast only the layers' matrix products are not)."""
         h = self.trunk(z)
-        gate = self.gate_logits(h) if self.gate_logits is not None else None
+        gate = self.gate_logits(h).float() if self.gate_logits is not None else None
         lib_scale = F.softplus(self.library_raw_scale) + 1e-3
         hist_scale = F.softplus(self.histology_raw_scale) + 1e-3
         return (
-            F.softmax(self.gene_logits(h), -1),
+            F.softmax(self.gene_logits(h).float(), -1),
             gate,
-            self.library_loc(h).squeeze(-1),
+            self.library_loc(h).squeeze(-1).float(),
             lib_scale,
-            self.histology_loc(h),
+            self.histology_loc(h).float(),
             hist_scale,
         )
 

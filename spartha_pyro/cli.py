@@ -120,6 +120,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, validation=_validation(args.validation),
         patience=args.patience, device=args.device, seed=args.seed, jit=args.jit, progress=args.progress,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        precision=args.precision,
     )
     model.save(args.out, overwrite=args.overwrite)
     last = history[-1]
@@ -256,6 +257,8 @@ def _add_train(sub) -> None:
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1…")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, minibatches and sampling")
     g.add_argument("--jit", action="store_true", help="JitTrace_ELBO (full minibatches only)")
+    g.add_argument("--precision", default="32", choices=["32", "bf16"],
+                   help="bf16: matrix products in bfloat16 (autocast); log-densities stay float32")
     g.add_argument("--checkpoint-dir", type=Path, help="write training checkpoints (ckpt-000012.pt …) to this folder")
     g.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
     g.add_argument("--resume", action="store_true",

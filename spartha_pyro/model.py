@@ -181,6 +181,7 @@ class SPARTHA:
         checkpoint_every: int = 1,
         keep_checkpoints: int = 3,
         resume: bool = False,
+        precision: str = "32",
     ) -> list[dict]:
         """Fit by minibatch SVI (ClippedAdam) on the training AnnData.
 
@@ -225,6 +226,11 @@ class SPARTHA:
             when it holds none). Call with the same data, model and training settings
             (``max_epochs`` may change): on CPU the result equals that of a run never
             interrupted.
+        precision
+            ``"32"`` (default) or ``"bf16"``: the encoders' and decoder's matrix products in
+            bfloat16 under ``torch.autocast`` (for GPUs with bfloat16 tensor cores); parameters,
+            distribution parameters and every log-density stay float32 (see
+            :data:`spartha_pyro.train.PRECISIONS`).
 
         Under ``torch.distributed`` (e.g. ``torchrun`` + ``init_process_group``) every rank
         trains on a disjoint shard of the minibatches with averaged gradients; see
@@ -250,7 +256,7 @@ class SPARTHA:
             # on a GPU, Pyro's distribution checks are host syncs at every site; inputs were validated
             validate=None if self.device.type == "cpu" else False,
             checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), checkpoint_every=checkpoint_every,
-            keep_checkpoints=keep_checkpoints, resume=resume,
+            keep_checkpoints=keep_checkpoints, resume=resume, precision=precision,
         )
         self.history += fit(self.module, self._data, train_idx, val_idx, config, self.device, jit=jit)
         self.is_trained = True

@@ -42,6 +42,7 @@ class TrainConfig:
     and faster on a GPU. ``checkpoint_dir``: write a checkpoint there every
     ``checkpoint_every`` epochs, keeping the last ``keep_checkpoints``; with ``resume``,
     continue from the latest complete one (see :mod:`spartha_pyro.checkpoint`).
+    ``precision``: ``"32"`` or ``"bf16"`` (see :data:`PRECISIONS`).
     """
 
     max_epochs: int = 100
@@ -61,7 +62,17 @@ class TrainConfig:
     checkpoint_every: int = 1
     keep_checkpoints: int = 3
     resume: bool = False
+    precision: str = "32"
 
+
+#: ``"bf16"``: the loss runs under ``torch.autocast(dtype=torch.bfloat16)``, so the matrix
+#: products of the encoders and the decoder (the gene-logit layer dominates at 36k genes)
+#: run in bfloat16. What stays float32: the parameters and optimizer state, LayerNorm and
+#: softmax (autocast's float32 list), and every distribution parameter (the model and guides
+#: cast decoder, encoder and classifier outputs to float32 before they enter a distribution),
+#: hence every NB/Normal log-density, KL term and the ELBO itself: ``lgamma`` of NB counts in
+#: bfloat16 (8 bits of mantissa) would be wrong by whole nats.
+PRECISIONS = ("32", "bf16")
 
 #: settings that may differ between a checkpointed run and its resumption
 _RESUMABLE = ("max_epochs", "progress", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume")
@@ -206,6 +217,9 @@ def _fit(
     if n_ranks > 1:
         distributed.broadcast_parameters(module)
     loader = make_loader(data, device, module.model.n_genes, config.loader)
+    if config.precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     optim = ClippedAdam(
         module.parameters(), lr=config.lr, clip_norm=config.clip_norm, lrd=config.lrd, weight_decay=config.weight_decay
     )
@@ -233,7 +247,8 @@ def _fit(
         if len(order) < n_ranks:
             raise ValueError(f"{len(order)} minibatches per epoch cannot feed {n_ranks} ranks; lower batch_size")
         for batch in loader.batches(train_idx[b] for b in distributed.shard(order, rank, n_ranks)):
-            loss_full, loss_hist = module.loss(batch)
+            with autocast:
+                loss_full, loss_hist = module.loss(batch)
             loss = loss_full + module.histology_weight * loss_hist
             step += 1
             if step % config.check_finite_every == 0 and not torch.isfinite(loss):
