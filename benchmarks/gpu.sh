@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One bounded GPU session on one H100/H200: CUDA tests, SVI overhead, scale table.
-# Typically ~5 min; every stage has a timeout, worst case ~7.3 min.
+# Typically ~6 min; every stage has a timeout, worst case ~8.6 min.
 #
 #   OUT=/path/to/out bash benchmarks/gpu.sh          # run from the repository root
 #   WHEELS=/path/to/wheels OUT=... bash benchmarks/gpu.sh   # install missing wheels first
@@ -52,5 +52,9 @@ done
 stamp "scale: 2k/15k/36k genes x 1k/10k/100k spots, batch 4096, JitTrace_ELBO"
 timeout 200 "$PY" "$REPO/benchmarks/scale.py" --device cuda --jit --batch-size 4096 --max-steps 15 --warmup 5 \
   --row-timeout 60 --overhead-json "$OUT"/svi_overhead-cuda-*.json --out "$OUT/scale-cuda.json" 2>&1 | grep -v -i warn
+
+stamp "scale, bf16 autocast: 2k/36k genes x 10k spots"
+timeout 80 "$PY" "$REPO/benchmarks/scale.py" --device cuda --jit --precision bf16 --batch-size 4096 --max-steps 15 \
+  --warmup 5 --genes 2000 36000 --spots 10000 --row-timeout 35 --out "$OUT/scale-cuda-bf16.json" 2>&1 | grep -v -i warn
 
 stamp "done"

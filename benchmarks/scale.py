@@ -93,8 +93,11 @@ def run_row(args) -> dict:
     optim = ClippedAdam(module.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
 
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
     def step(batch):
-        loss_full, loss_hist = module.loss(batch)
+        with autocast:  # as SPARTHA.train(precision=...)
+            loss_full, loss_hist = module.loss(batch)
         optim.zero_grad(set_to_none=True)
         (loss_full + module.histology_weight * loss_hist).backward()
         optim.step()
@@ -122,6 +125,7 @@ def run_row(args) -> dict:
         "batch_size": min(args.batch_size, args.n_spots),
         "hidden": args.hidden,
         "elbo": "JitTrace_ELBO" if args.jit else "Trace_ELBO",
+        "precision": args.precision,
         "timed_steps": args.max_steps,
         "step_s": seconds / args.max_steps,
         "setup_s": setup_s,
@@ -157,6 +161,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps per row (JIT traces here)")
     ap.add_argument("--jit", action="store_true", help="JitTrace_ELBO instead of Trace_ELBO")
     ap.add_argument("--backed", action="store_true", help="h5ad opened backed='r', host loader")
+    ap.add_argument("--precision", default="32", choices=["32", "bf16"], help="as SPARTHA.train(precision=...)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--skip-above-nnz", type=float, default=None, help="skip rows with more expected non-zeros")
     ap.add_argument("--overhead-json", nargs="*", default=[], help="svi_overhead.py results to attach")
@@ -174,10 +179,11 @@ def main(argv=None) -> list[dict]:
         "--device", args.device, "--batch-size", str(args.batch_size), "--hidden", str(args.hidden),
         "--density", str(args.density), "--max-steps", str(args.max_steps), "--warmup", str(args.warmup),
     ]
-    passthrough += ["--jit"] * args.jit + ["--backed"] * args.backed
+    passthrough += ["--jit"] * args.jit + ["--backed"] * args.backed + ["--precision", args.precision]
     passthrough += ["--threads", str(args.threads)] if args.threads else []
     device_tag = "cpu" if args.device == "cpu" else "cuda"
-    out = Path(args.out or HERE / "results" / f"scale-{device_tag}{'-backed' if args.backed else ''}.json")
+    suffix = ("-backed" if args.backed else "") + ("-bf16" if args.precision == "bf16" else "")
+    out = Path(args.out or HERE / "results" / f"scale-{device_tag}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("one", "n_spots", "n_genes", "out")}
     rows, skipped = [], []
