@@ -22,7 +22,22 @@ By default the generative models train on every training section for ``--epochs 
 epoch count that early stopping chose on a development split (README). ``--validation C4``
 (or ``last``) early-stops on the histology-path ELBO of that TRAINING section instead, never a
 test section; with ``--refit`` the model is then retrained on all training sections for the
-epoch count that early stopping chose. The disentanglement probe matrix of
+epoch count that early stopping chose.
+
+Calibration (every method with a predictive distribution): ``coverage50|80|90|95``
+(randomised-PIT coverage of central intervals of the counts), ``nll`` (the NB mixture over
+posterior draws, nats per spot per gene) and ``crps`` (on log1p-normalised values), from
+``--calib-samples`` draws, on the named panels of the modelled columns (``__rest__`` takes
+part in the normalisation only). Ridge and the mean get an NB around their prediction
+(:class:`~spartha_pyro.baselines.NBWrapper`, dispersion fit on cross-fitted training
+predictions, library = the median training library).
+
+``--extra-sections A1 A2 ...`` (or ``all``: the 30 count-only sections) adds the methods
+``spartha_all_sections`` (SPARTHA trained on the imaged training sections plus those, cluster
+labels; their histology rows are NaN) and ``spartha_all_sections_3labels`` (also the
+pathology and dominant deconvolved cell-type labels), for ``--extra-epochs`` epochs. Every
+method of such a run is scored on the genes shared by ALL sections read (an unmeasured gene
+is not a zero). The disentanglement probe matrix of
 SPARTHA's latents (full guide, training sections) versus cluster, slide and QC is scored on
 held-out spots and drawn with :func:`spartha_pyro.pl.probe_heatmap`. ``--loso`` holds out every
 section in turn.
