@@ -231,6 +231,7 @@ def _fit(
     if config.checkpoint_dir is not None:
         state = _resume_state(config)
         if state is not None:
+            _check_split(state, train_idx, val_idx)
             try:
                 module.load_state_dict(state["module"])
                 optim.load_state_dict(state["optimizer"])
@@ -288,12 +289,31 @@ def _fit(
                 "epoch": epoch, "step": step, "config": asdict(config), "module": module.state_dict(),
                 "optimizer": optim.state_dict(), "history": history, "best": best, "best_state": best_state,
                 "stale": stale, "rng": checkpoint.rng_state(rng),
+                # tensors: checkpoints are read with torch.load(weights_only=True)
+                "split": {k: None if v is None else torch.as_tensor(np.asarray(v, dtype=np.int64)) for k, v in (("train", train_idx), ("val", val_idx))},
             }
             checkpoint.write_checkpoint(config.checkpoint_dir, state, config.keep_checkpoints)
     if best_state is not None:
         module.load_state_dict(best_state)
     module.eval()
     return history
+
+
+def _check_split(state: dict, train_idx: np.ndarray, val_idx: np.ndarray | None) -> None:
+    """Raise when a checkpoint was written with other training or validation spots."""
+    split = state.get("split")
+    if split is None:  # older checkpoints did not record it
+        return
+    for name, now, then in (("training", train_idx, split["train"]), ("validation", val_idx, split["val"])):
+        same = (now is None and then is None) or (
+            now is not None and then is not None and np.array_equal(np.asarray(now), then.numpy())
+        )
+        if not same:
+            raise InputError(
+                f"checkpoint {state['path']} was written with other {name} spots "
+                f"({0 if then is None else len(then)} then, {0 if now is None else len(now)} now): "
+                "resume with the same data and validation split"
+            )
 
 
 def _resume_state(config: TrainConfig) -> dict | None:
@@ -311,7 +331,8 @@ def _resume_state(config: TrainConfig) -> dict | None:
     if state is None:
         return None
     now, then = asdict(config), state["config"]
-    changed = sorted(k for k in now if k not in _RESUMABLE and now[k] != then.get(k))
+    defaults = {k: f.default for k, f in TrainConfig.__dataclass_fields__.items()}  # keys older checkpoints lack
+    changed = sorted(k for k in now if k not in _RESUMABLE and now[k] != then.get(k, defaults[k]))
     if changed:
         raise InputError(
             f"checkpoint {state['path']} was written with other settings: "

@@ -94,6 +94,8 @@ def test_keep_last_k_and_resume_rules(small, tmp_path):
         _model(small).train(max_epochs=2, progress=False, checkpoint_dir=tmp_path)
     with pytest.raises(InputError, match="other settings: batch_size"):
         _model(small).train(max_epochs=8, batch_size=32, progress=False, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(InputError, match="other training spots"):
+        _model(small).train(max_epochs=8, batch_size=64, progress=False, checkpoint_dir=tmp_path, resume=True, validation=0.2)
     with pytest.raises(InputError, match="needs checkpoint_dir"):
         _model(small).train(max_epochs=2, progress=False, resume=True)
     with pytest.raises(InputError, match="does not fit this model"):
