@@ -59,6 +59,9 @@ def set_rng_state(state: dict, rng: np.random.Generator) -> None:
 def write_checkpoint(directory: str | Path, state: dict, keep: int) -> Path:
     """Write ``state`` (with key ``"epoch"``) as ``directory/ckpt-{epoch:06d}.pt``; keep the last ``keep``.
 
+    Temporary files that a killed earlier write left behind (``.ckpt-*.pt``, never read as
+    checkpoints) are removed too: the folder has one writer.
+
     Parameters
     ----------
     directory
@@ -75,7 +78,7 @@ def write_checkpoint(directory: str | Path, state: dict, keep: int) -> Path:
     path = Path(directory) / f"ckpt-{state['epoch']:06d}.pt"
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-    for old in checkpoint_files(directory)[keep:]:
+    for old in [*checkpoint_files(directory)[keep:], *Path(directory).glob(".ckpt-*.pt")]:
         old.unlink(missing_ok=True)
     return path
 

@@ -88,8 +88,10 @@ def test_keep_last_k_and_resume_rules(small, tmp_path):
     model = _model(small)
     model.train(max_epochs=5, batch_size=64, progress=False, checkpoint_dir=tmp_path, checkpoint_every=2, keep_checkpoints=1)
     assert [p.name for p in checkpoint_files(tmp_path)] == ["ckpt-000003.pt"]
+    (tmp_path / ".ckpt-000004.pt.x1y2.pt").write_bytes(b"half a checkpoint")  # a write killed mid-way
     model.train(max_epochs=6, batch_size=64, progress=False, checkpoint_dir=tmp_path, keep_checkpoints=2, resume=True)
     assert [p.name for p in checkpoint_files(tmp_path)] == ["ckpt-000005.pt", "ckpt-000004.pt"]
+    assert not list(tmp_path.glob(".ckpt-*"))
     with pytest.raises(InputError, match="earlier run"):
         _model(small).train(max_epochs=2, progress=False, checkpoint_dir=tmp_path)
     with pytest.raises(InputError, match="other settings: batch_size"):
