@@ -120,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, validation=_validation(args.validation),
         patience=args.patience, device=args.device, seed=args.seed, jit=args.jit, progress=args.progress,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-        precision=args.precision,
+        precision=args.precision, refit=args.refit,
     )
     model.save(args.out, overwrite=args.overwrite)
     last = history[-1]
@@ -254,6 +254,8 @@ def _add_train(sub) -> None:
     g.add_argument("--validation", nargs="+",
                    help="early stopping on a fraction of spots (e.g. 0.1) or on whole sections (e.g. C4)")
     g.add_argument("--patience", type=int, default=20, help="epochs without validation improvement before stopping")
+    g.add_argument("--refit", action="store_true",
+                   help="after early stopping on --validation, retrain on every spot for the chosen epoch count")
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1…")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, minibatches and sampling")
     g.add_argument("--jit", action="store_true", help="JitTrace_ELBO (full minibatches only)")

@@ -123,14 +123,19 @@ class SPARTHA:
         )
         self.adata = adata
         self._data = encode_adata(adata, self.registry, require_counts=True)
-        with torch.random.fork_rng(devices=[]):  # seeded initial weights; the global RNG is left as it was
-            torch.manual_seed(seed)
-            self.module = self._build_module(self._data.n)
+        self._init_seed = seed
+        self.module = self._initial_module()
         self.history: list[dict] = []
         self.device = torch.device("cpu")
         self.is_trained = False
 
     # ------------------------------------------------------------------ building
+    def _initial_module(self) -> SparthaModule:
+        """A freshly initialised module, weights seeded by ``seed`` (the global RNG is left as it was)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._init_seed)
+            return self._build_module(self._data.n)
+
     def _build_module(self, n_spots: int) -> SparthaModule:
         r, data = self.registry, self._data
         kw = dict(self.init_kwargs)
@@ -182,6 +187,7 @@ class SPARTHA:
         keep_checkpoints: int = 3,
         resume: bool = False,
         precision: str = "32",
+        refit: bool = False,
     ) -> list[dict]:
         """Fit by minibatch SVI (ClippedAdam) on the training AnnData.
 
@@ -231,6 +237,11 @@ class SPARTHA:
             bfloat16 under ``torch.autocast`` (for GPUs with bfloat16 tensor cores); parameters,
             distribution parameters and every log-density stay float32 (see
             :data:`spartha_pyro.train.PRECISIONS`).
+        refit
+            With ``validation``: after early stopping, re-initialise the weights and train on
+            *every* spot (validation spots included) for the number of epochs that early
+            stopping chose. On real data this matters: a validation slide held out of the final
+            fit is training data lost (see ``benchmarks/README.md``). Not with checkpoints.
 
         Under ``torch.distributed`` (e.g. ``torchrun`` + ``init_process_group``) every rank
         trains on a disjoint shard of the minibatches with averaged gradients; see
@@ -246,6 +257,8 @@ class SPARTHA:
             raise InputError("this model was loaded without its training AnnData; pass adata to SPARTHA.load to train")
         if resume and checkpoint_dir is None:
             raise InputError("resume=True needs checkpoint_dir")
+        if refit and (validation is None or checkpoint_dir is not None):
+            raise InputError("refit=True needs validation (to choose the epoch count) and no checkpoint_dir")
         train_idx, val_idx = self._split(validation, seed)
         self.device = resolve_device(device)
         self.module.configure(n_spots=len(train_idx), jit=False)
@@ -258,7 +271,18 @@ class SPARTHA:
             checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), checkpoint_every=checkpoint_every,
             keep_checkpoints=keep_checkpoints, resume=resume, precision=precision,
         )
-        self.history += fit(self.module, self._data, train_idx, val_idx, config, self.device, jit=jit)
+        history = fit(self.module, self._data, train_idx, val_idx, config, self.device, jit=jit)
+        if refit:
+            best = int(np.argmin([h["val_loss_histology"] for h in history])) + 1
+            self.module = self._initial_module()
+            self.module.configure(n_spots=self._data.n, jit=False)
+            config.max_epochs, config.patience = best, None
+            history = [{**h, "stage": "validation"} for h in history]
+            history += [
+                {**h, "stage": "refit"}
+                for h in fit(self.module, self._data, np.arange(self._data.n), None, config, self.device, jit=jit)
+            ]
+        self.history += history
         self.is_trained = True
         return self.history
 
@@ -551,6 +575,7 @@ class SPARTHA:
             "registry": self.registry.to_dict(),
             "init_kwargs": self.init_kwargs,
             "n_train_spots": self.module.model.n_spots,
+            "seed": self._init_seed,
             "is_trained": self.is_trained,
             "history": self.history,
         }
@@ -596,6 +621,7 @@ class SPARTHA:
         try:
             self.registry, self.init_kwargs = Registry(**settings["registry"]), settings["init_kwargs"]
             n_train_spots = settings["n_train_spots"]
+            self._init_seed = settings.get("seed", 0)
             self._data = None
             self.module = self._build_module(n_train_spots)
         except (KeyError, TypeError, ValueError) as err:

@@ -198,3 +198,14 @@ def test_bf16_autocast_trains_like_float32(sim):
     np.testing.assert_allclose(losses["bf16"], losses["32"], rtol=1e-3)  # measured: 2e-5
     with pytest.raises(sp.InputError, match="precision"):
         model.train(max_epochs=1, progress=False, precision="fp8")
+
+
+def test_refit_after_early_stopping_uses_every_spot(sim):
+    model = sp.SPARTHA(sim, label_keys=["cell_type"], batch_key="slide", seed=0, **SMALL)
+    hist = model.train(max_epochs=6, batch_size=200, validation=["slide2"], patience=2, progress=False, refit=True)
+    stages = [h["stage"] for h in hist]
+    best = int(np.argmin([h["val_loss_histology"] for h in hist if h["stage"] == "validation"])) + 1
+    assert stages.count("refit") == best and stages[-1] == "refit"
+    assert model.module.model.n_spots == sim.n_obs  # the validation slide is trained on
+    with pytest.raises(sp.InputError, match="refit=True needs validation"):
+        model.train(max_epochs=1, progress=False, refit=True)
