@@ -414,6 +414,7 @@ def main(argv=None) -> list[dict]:
                     pcc = {r["panel"]: round(r["value"], 4) for r in rows if r["metric"] == "pcc_gene"}
                     cov = {r["panel"]: round(r["value"], 3) for r in rows if r["metric"] == "coverage90"}
                     print(f"{row:12s} test={test_section} seed={seed} {seconds:7.1f}s pcc_gene={pcc} coverage90={cov}", flush=True)
+                Path(args.out).write_text(json.dumps(records, indent=1))  # after every run: a run cut short keeps its records
     Path(args.out).write_text(json.dumps(records, indent=1))
     methods = [r for r in ROWS if any(x["method"] == r for x in records)]
     print(format_table(records, panels=PANELS, methods=methods))
