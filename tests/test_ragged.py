@@ -132,8 +132,9 @@ def test_combine_sections_builds_one_training_anndata(sim):
     np.testing.assert_array_equal(missing_h, (combined.obs["section"] == names[1]).to_numpy())
     assert combined.obs["has_counts"].dtype == bool
     assert not combined.obs.loc[combined.obs["section"] == names[2], "has_counts"].any()
-    sp.pp.annotate_qc(combined, batch_key="section")
-    combined.obs.loc[~combined.obs["has_counts"], "qc_pass"] = np.nan  # no counts, no QC call
+    sp.pp.annotate_qc(combined, batch_key="section", counts_key="has_counts")
+    assert combined.obs.loc[~combined.obs["has_counts"], "qc_pass"].isna().all()  # no counts, no QC call
+    assert combined.obs.loc[combined.obs["has_counts"], "qc_pass"].notna().all()
     model = sp.SPARTHA(combined, label_keys=["cell_type"], batch_key="section", counts_key="has_counts", **SMALL)
     assert np.isfinite(model.train(max_epochs=2, batch_size=200, progress=False)[-1]["loss"])
 

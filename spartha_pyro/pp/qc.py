@@ -97,6 +97,7 @@ def annotate_qc(
     nmads: float = 5.0,
     layer: str | None = None,
     key_added: str = "qc_pass",
+    counts_key: str | None = None,
 ) -> AnnData:
     """Annotate spots as QC ``"pass"``/``"fail"`` per batch; never drops spots.
 
@@ -111,6 +112,10 @@ def annotate_qc(
         Number of MADs beyond which a metric is an outlier (default 5).
     key_added
         ``obs`` column receiving the categorical label (categories ``["fail", "pass"]``).
+    counts_key
+        Boolean ``obs`` column marking spots whose counts were measured (as in
+        :func:`~spartha_pyro.pp.combine_sections`); the others get no QC call (NaN label and
+        metrics) and take no part in the medians and MADs.
 
     Returns
     -------
@@ -124,15 +129,20 @@ def annotate_qc(
         raise InputError("annotate_qc needs counts: adata has no genes")
     if batch_key is not None and batch_key not in adata.obs:
         raise InputError(f"batch_key {batch_key!r} is not a column of adata.obs")
+    if counts_key is not None and (counts_key not in adata.obs or not pd.api.types.is_bool_dtype(adata.obs[counts_key])):
+        raise InputError(f"counts_key {counts_key!r} must be a boolean column of adata.obs")
+    measured = adata.obs[counts_key].to_numpy(dtype=bool) if counts_key else np.ones(adata.n_obs, dtype=bool)
     metrics = qc_metrics(X, adata.var_names)
     metrics.index = adata.obs_names
+    metrics[~measured] = np.nan
     batches = adata.obs[batch_key].astype(str).to_numpy() if batch_key else np.zeros(adata.n_obs, dtype=str)
     fail = np.zeros(adata.n_obs, dtype=bool)
-    for b in pd.unique(batches):
-        sel = batches == b
+    for b in pd.unique(batches[measured]):
+        sel = (batches == b) & measured
         fail[sel] = qc_outliers(metrics[sel], mad_reference(metrics[sel]), nmads)
     for col in metrics:
         adata.obs[f"qc_{col}"] = metrics[col].to_numpy()
-    adata.obs[key_added] = pd.Categorical(np.where(fail, "fail", "pass"), categories=["fail", "pass"])
+    label = np.where(measured, np.where(fail, "fail", "pass"), None)
+    adata.obs[key_added] = pd.Categorical(label, categories=["fail", "pass"])
     adata.uns["qc"] = {"nmads": float(nmads), "batch_key": batch_key, "metrics": list(metrics.columns)}
     return adata
