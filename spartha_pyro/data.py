@@ -366,7 +366,7 @@ def _histology(adata: AnnData, key: str, width: int | None) -> tuple[np.ndarray,
     return H, ~missing
 
 
-def _count_mask(adata: AnnData, key: str) -> np.ndarray:
+def read_count_mask(adata: AnnData, key: str) -> np.ndarray:
     """``obs[key]`` as a bool mask of spots with measured counts (``True``/``False`` only)."""
     if key not in adata.obs:
         raise InputError(f"counts_key {key!r} is not a column of adata.obs")
@@ -437,7 +437,7 @@ def build_registry(
     if not has.any():
         raise InputError(f"obsm[{histology_key!r}] is missing (all NaN) for every spot")
     if counts_key is not None:
-        measured = _count_mask(adata, counts_key)
+        measured = read_count_mask(adata, counts_key)
         if not measured.any():
             raise InputError(f"obs[{counts_key!r}] is False for every spot: SPARTHA needs counts to learn expression")
         if (~measured & ~has).any():
@@ -506,7 +506,7 @@ def encode_adata(adata: AnnData, registry: Registry, require_counts: bool = Fals
         raise InputError("this AnnData has no genes, but counts are required here")
     count_mask = None
     if counts is not None and registry.counts_key is not None and registry.counts_key in adata.obs:
-        count_mask = _count_mask(adata, registry.counts_key)
+        count_mask = read_count_mask(adata, registry.counts_key)
 
     if registry.histology_key in adata.obsm:
         H, has_h = _histology(adata, registry.histology_key, registry.histology_dim)

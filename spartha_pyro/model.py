@@ -478,7 +478,6 @@ class SPARTHA:
                 sink[:, b[0] : b[-1] + 1] = samples.reshape(num_samples, len(b), n_genes).cpu().numpy().astype(dtype)
 
         if out is not None:
-
             with atomic_path(out) as tmp, _netcdf_variable(tmp, name, dtype, coords, attrs) as sink:
                 fill(sink)
             return xr.open_dataarray(out)

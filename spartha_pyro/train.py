@@ -208,6 +208,8 @@ def _fit(
     parameters as a run never interrupted. Raises :class:`~spartha_pyro.InputError` when the
     folder holds checkpoints but ``resume`` is off, or their settings differ from ``config``.
     """
+    if config.precision not in PRECISIONS:  # before the data go to the device
+        raise InputError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
     rank, n_ranks = distributed.world()
     if config.checkpoint_dir is not None and n_ranks > 1:
         raise InputError("checkpoints are written by single-process training only")
@@ -217,8 +219,6 @@ def _fit(
     if n_ranks > 1:
         distributed.broadcast_parameters(module)
     loader = make_loader(data, device, module.model.n_genes, config.loader)
-    if config.precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     optim = ClippedAdam(
         module.parameters(), lr=config.lr, clip_norm=config.clip_norm, lrd=config.lrd, weight_decay=config.weight_decay

@@ -22,6 +22,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .._errors import InputError
+from ..data import read_count_mask
 
 #: metric name -> which side(s) of the median count as outliers
 QC_METRICS: dict[str, str] = {
@@ -129,9 +130,7 @@ def annotate_qc(
         raise InputError("annotate_qc needs counts: adata has no genes")
     if batch_key is not None and batch_key not in adata.obs:
         raise InputError(f"batch_key {batch_key!r} is not a column of adata.obs")
-    if counts_key is not None and (counts_key not in adata.obs or not pd.api.types.is_bool_dtype(adata.obs[counts_key])):
-        raise InputError(f"counts_key {counts_key!r} must be a boolean column of adata.obs")
-    measured = adata.obs[counts_key].to_numpy(dtype=bool) if counts_key else np.ones(adata.n_obs, dtype=bool)
+    measured = read_count_mask(adata, counts_key) if counts_key is not None else np.ones(adata.n_obs, dtype=bool)
     metrics = qc_metrics(X, adata.var_names)
     metrics.index = adata.obs_names
     metrics[~measured] = np.nan
