@@ -40,7 +40,8 @@ method of such a run is scored on the genes shared by ALL sections read (an unme
 is not a zero). The disentanglement probe matrix of
 SPARTHA's latents (full guide, training sections) versus cluster, slide and QC is scored on
 held-out spots and drawn with :func:`spartha_pyro.pl.probe_heatmap`. ``--loso`` holds out every
-section in turn.
+section in turn. The (method × seed × split) runs go to ``--jobs`` processes (default: one
+per CPU core on CPU; the models are too small for intra-op threads to pay).
 
 Example::
 
@@ -51,7 +52,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import matplotlib
@@ -119,6 +123,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pca", type=int, default=0, help="SPARTHA/SpatialDIVA see this many principal components of the features (0: raw)")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON of extra SPARTHA(...) arguments")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--jobs", type=int, default=0,
+        help="runs (method x seed x split) in parallel processes; 0: one per CPU core on CPU, 1 on a GPU",
+    )
     p.add_argument("--patch-size", type=int, default=112, help="HisToGene patch side, full-resolution px")
     p.add_argument("--cache", default="benchmarks/cache", help="folder for the prepared .h5ad")
     p.add_argument("--out", default="results_her2st.json")
@@ -371,6 +379,75 @@ def score(pred, genes, counts, calibration, test, obs, panels, args, seed) -> li
     return rows
 
 
+#: what every run reads: (every spot, the count-only spots or None, args); set once per process
+_SHARED: tuple | None = None
+
+
+def _init_worker(shared: tuple, threads: int) -> None:
+    """Process-pool initialiser: keep the data and cap the intra-op threads of torch and BLAS."""
+    global _SHARED
+    _SHARED = shared
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)
+
+
+def run_task(task: tuple) -> tuple[list[dict], xr.DataArray | None]:
+    """One ``(train sections, test section, validation, method, seed)`` run: trains, predicts
+    the test section from histology, scores it; returns its records and SPARTHA's probe."""
+    adata, extra, args = _SHARED
+    train_sections, test_section, validation, method, seed = task
+    train = adata[adata.obs["slide"].isin(train_sections)].copy()
+    test = adata[adata.obs["slide"] == test_section].copy()
+    obs = normalize_log1p(test.X).toarray()
+    panels = gene_panels(train, args)
+    start = time.perf_counter()
+    preds, probe_da = run_method(method, train, test, panels, args, seed, validation, extra)
+    seconds = time.perf_counter() - start
+    records = []
+    for row, (pred, genes, counts, calibration) in preds.items():
+        rows = score(pred, genes, counts, calibration, test, obs, panels, args, seed)
+        records += [
+            {"method": row, "section": test_section, "seed": seed, "seconds": seconds,
+             "features": args.features, "train_genes": args.train_genes, **r}
+            for r in rows
+        ]
+        pcc = {r["panel"]: round(r["value"], 4) for r in rows if r["metric"] == "pcc_gene"}
+        cov = {r["panel"]: round(r["value"], 3) for r in rows if r["metric"] == "coverage90"}
+        print(f"{row:12s} test={test_section} seed={seed} {seconds:7.1f}s pcc_gene={pcc} coverage90={cov}", flush=True)
+    return records, probe_da
+
+
+def n_jobs(jobs: int, device: str, n_tasks: int) -> int:
+    """``--jobs``; 0 means one process per CPU core on CPU (the models are too small for
+    intra-op threads to pay) and one process on a GPU."""
+    import torch
+
+    if jobs < 0:
+        raise sp.InputError(f"--jobs must be >= 0, got {jobs}")
+    if jobs == 0:
+        on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        jobs = 1 if on_gpu else os.cpu_count() or 1
+    return max(1, min(jobs, n_tasks))
+
+
+def run_tasks(tasks: list[tuple], shared: tuple, jobs: int):
+    """Yield :func:`run_task` results, in ``jobs`` spawned processes of ``cpu_count // jobs``
+    threads each when ``jobs > 1`` (in completion order), else in this process in order."""
+    if jobs == 1:
+        global _SHARED
+        _SHARED = shared
+        yield from map(run_task, tasks)
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(shared, threads)) as pool:
+        for future in as_completed([pool.submit(run_task, t) for t in tasks]):
+            yield future.result()
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     sections = list(dict.fromkeys(args.train_sections + args.test_sections))
@@ -386,36 +463,25 @@ def main(argv=None) -> list[dict]:
         if args.loso
         else [(args.train_sections, t) for t in args.test_sections]
     )
-    records: list[dict] = []
-    probes: list[xr.DataArray] = []
+    tasks = []
     for train_sections, test_section in splits:
-        train = adata[adata.obs["slide"].isin(train_sections)].copy()
-        test = adata[adata.obs["slide"] == test_section].copy()
-        obs = normalize_log1p(test.X).toarray()
-        panels = gene_panels(train, args)
         validation = (
             None if args.validation == "none"
             else train_sections[-1] if args.validation == "last" else args.validation
         )
-        for method in args.methods:
-            for seed in args.seeds:
-                start = time.perf_counter()
-                preds, probe_da = run_method(method, train, test, panels, args, seed, validation, extra)
-                seconds = time.perf_counter() - start
-                if probe_da is not None:
-                    probes.append(probe_da)
-                for row, (pred, genes, counts, calibration) in preds.items():
-                    rows = score(pred, genes, counts, calibration, test, obs, panels, args, seed)
-                    records += [
-                        {"method": row, "section": test_section, "seed": seed, "seconds": seconds,
-                         "features": args.features, "train_genes": args.train_genes, **r}
-                        for r in rows
-                    ]
-                    pcc = {r["panel"]: round(r["value"], 4) for r in rows if r["metric"] == "pcc_gene"}
-                    cov = {r["panel"]: round(r["value"], 3) for r in rows if r["metric"] == "coverage90"}
-                    print(f"{row:12s} test={test_section} seed={seed} {seconds:7.1f}s pcc_gene={pcc} coverage90={cov}", flush=True)
-                Path(args.out).write_text(json.dumps(records, indent=1))  # after every run: a run cut short keeps its records
+        tasks += [(tuple(train_sections), test_section, validation, method, seed) for method in args.methods for seed in args.seeds]
+    jobs = n_jobs(args.jobs, args.device, len(tasks))
+    print(f"{len(tasks)} runs (method x seed x split) in {jobs} process(es)", flush=True)
+    records: list[dict] = []
+    probes: list[xr.DataArray] = []
+    start = time.perf_counter()
+    for rows, probe_da in run_tasks(tasks, (adata, extra, args), jobs):
+        records += rows
+        if probe_da is not None:
+            probes.append(probe_da)
+        Path(args.out).write_text(json.dumps(records, indent=1))  # after every run: a run cut short keeps its records
     Path(args.out).write_text(json.dumps(records, indent=1))
+    print(f"{len(tasks)} runs: {time.perf_counter() - start:.0f} s wall clock in {jobs} process(es)", flush=True)
     methods = [r for r in ROWS if any(x["method"] == r for x in records)]
     print(format_table(records, panels=PANELS, methods=methods))
     if any(r["metric"] in CALIBRATION for r in records):

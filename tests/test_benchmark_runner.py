@@ -1,0 +1,67 @@
+"""``benchmarks/her2st.py`` runs its (method × seed) runs in parallel processes with the same
+results as one after the other (simulated sections; no files from ``../shared``)."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import spartha_pyro as sp
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))  # spawned workers inherit sys.path, so they can unpickle her2st.run_task
+    import her2st
+
+    yield her2st
+    sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def sections(tmp_path_factory):
+    """Four simulated sections shaped like the prepared her2st AnnData, and a data folder
+    holding a ``genes/hist2st_785.txt`` panel."""
+    adata = sp.datasets.simulate(n_spots=400, n_genes=60, histology_dim=16, n_slides=4, seed=0)
+    sp.pp.annotate_qc(adata, batch_key="slide")
+    adata.obs["cluster"] = adata.obs["cell_type"]
+    adata.obs["array_x"], adata.obs["array_y"] = adata.obsm["spatial"][:, 0], adata.obsm["spatial"][:, 1]
+    data = tmp_path_factory.mktemp("her2st")
+    (data / "genes").mkdir()
+    (data / "genes" / "hist2st_785.txt").write_text("\n".join(adata.var_names[::3]))
+    return adata, data
+
+
+def test_parallel_runs_match_serial(bench, sections, tmp_path):
+    adata, data = sections
+    slides = sorted(adata.obs["slide"].unique())
+    args = bench.parse_args([
+        "--data", str(data), "--train-sections", *slides[:3], "--test-sections", slides[3],
+        "--epochs", "2", "--n-hvg", "20", "--n-top-mean", "10", "--num-samples", "4",
+        "--calib-samples", "4", "--sample-chunk", "2", "--batch-size", "64",
+        "--model-kwargs", '{"hidden": 16, "y_dim": 4, "d_dim": 2, "r_dim": 2, "x_dim": 2}',
+        "--device", "cpu", "--out", str(tmp_path / "r.json"),
+    ])
+    tasks = [(tuple(slides[:3]), slides[3], None, method, seed) for method in ("spartha", "ridge") for seed in (0, 1)]
+    serial = list(bench.run_tasks(tasks, (adata, None, args), jobs=1))
+    parallel = list(bench.run_tasks(tasks, (adata, None, args), jobs=2))
+
+    def values(results):
+        return {
+            (r["method"], r["seed"], r["panel"], r["metric"]): r["value"] for rows, _ in results for r in rows
+        }
+
+    a, b = values(serial), values(parallel)
+    assert a.keys() == b.keys() and {m for m, *_ in a} == {"spartha", "spartha_pass", "ridge"}
+    np.testing.assert_allclose([b[k] for k in a], list(a.values()), rtol=1e-5, atol=1e-6)
+    assert sum(p is not None for _, p in parallel) == 2  # SPARTHA's probe matrix, one per seed
+
+
+def test_n_jobs(bench):
+    assert bench.n_jobs(0, "cpu", 100) >= 1
+    assert bench.n_jobs(0, "cuda", 100) == 1
+    assert bench.n_jobs(8, "cpu", 3) == 3
+    with pytest.raises(sp.InputError, match="--jobs"):
+        bench.n_jobs(-1, "cpu", 3)
