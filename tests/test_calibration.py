@@ -112,6 +112,11 @@ def test_calibration_records_per_panel(nb_truth):
     assert values["coverage90"] == pytest.approx(0.9, abs=0.03)
     assert values["nll"] == pytest.approx(nll(mu[None], theta, obs))
     assert {r["metric"] for r in calibration_records(draws, None, None, obs)} == set(metrics) - {"nll"}
+    # without an "all" panel only the panels' columns are scored, with the same values
+    panels = {"few": names[:5], "odd": names[1::7]}
+    subset = calibration_records(draws, mu[None], theta, obs, panels=panels, var_names=names)
+    full = calibration_records(draws, mu[None], theta, obs, panels={"all": None, **panels}, var_names=names)
+    np.testing.assert_allclose([r["value"] for r in subset], [r["value"] for r in full[6:]], rtol=1e-12)
 
 
 def test_fit_nb_theta_recovers_dispersion():

@@ -24,6 +24,10 @@ def test_normalize_log1p_dense_sparse_samples():
     stacked = M.normalize_log1p(np.stack([counts, 2 * counts]), dtype=np.float32)
     assert stacked.shape == (2, 3, 3) and stacked.dtype == np.float32
     np.testing.assert_allclose(stacked[1], expected, rtol=1e-6)
+    total = counts.sum(1)  # a gene subset normalised by the full library equals the full result subset
+    np.testing.assert_allclose(M.normalize_log1p(counts[:, :2], total=total), expected[:, :2])
+    np.testing.assert_allclose(M.normalize_log1p(sp.csr_matrix(counts[:, :2]), total=total).toarray(), expected[:, :2])
+    np.testing.assert_allclose(M.normalize_log1p(np.stack([counts, counts])[..., 1:], total=np.stack([total, total]))[0], expected[:, 1:])
 
 
 def test_point_metrics_match_hand_computation():

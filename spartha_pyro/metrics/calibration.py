@@ -313,7 +313,7 @@ def calibration_records(
     counts, see :func:`interval_coverage`), ``nll`` (nats per spot per gene, see
     :func:`nll`) and ``crps`` (on log1p-normalised expression, see :func:`crps`).
     Normalisation uses all ``G`` columns given (as the point metrics do); panels then select
-    columns.
+    columns; without an ``all`` panel only the columns some panel names are scored.
 
     Parameters
     ----------
@@ -345,14 +345,21 @@ def calibration_records(
     as for the point metrics).
     """
     s, y = _pair(samples_counts, observed_counts)
-    s_log = normalize_log1p(s, target_sum)
-    y_log = normalize_log1p(y, target_sum)
-    u = pit(s, y, "randomized", seed)
+    u = pit(s, y, "randomized", seed)  # every column, so the tie-breaking draws do not depend on the panels
+    index = {name: _panel_index(panel, y.shape[1], var_names, name) for name, panel in (panels or {"all": None}).items()}
+    totals = s.sum(-1), y.sum(-1)
+    if not any(isinstance(i, slice) for i in index.values()):  # score only the columns some panel uses
+        cols = np.unique(np.concatenate([np.asarray(i, dtype=np.int64) for i in index.values()]))
+        u, s, y = u[:, cols], s[..., cols], y[:, cols]
+        if mean_samples is not None and theta is not None:
+            mean_samples, theta = np.asarray(mean_samples)[..., cols], np.asarray(theta)[cols]
+        index = {name: np.searchsorted(cols, i) for name, i in index.items()}
+    s_log = normalize_log1p(s, target_sum, total=totals[0])
+    y_log = normalize_log1p(y, target_sum, total=totals[1])
     per_entry_nll = None if mean_samples is None or theta is None else nll(mean_samples, theta, y, reduce=None)
     per_entry_crps = crps(s_log, y_log, reduce=None)
     records = []
-    for name, panel in (panels or {"all": None}).items():
-        idx = _panel_index(panel, y.shape[1], var_names, name)
+    for name, idx in index.items():
         values = {f"coverage{round(100 * a)}": float(_covered(u[:, idx], a).mean()) for a in levels}
         if per_entry_nll is not None:
             values["nll"] = float(per_entry_nll[:, idx].mean())

@@ -6,12 +6,13 @@ import scipy.sparse as sp
 import xarray as xr
 
 
-def normalize_log1p(counts, target_sum: float = 1e4, dtype=np.float64):
+def normalize_log1p(counts, target_sum: float = 1e4, dtype=np.float64, total=None):
     """Normalise counts to ``target_sum`` per spot, then ``log1p``.
 
     ``y[s, g] = log1p(target_sum * x[s, g] / sum_g' x[s, g'])``; spots with zero counts stay 0.
-    The total is taken over the genes given, so normalise the full gene set first and
-    subset genes afterwards when a panel should keep the full-transcriptome library size.
+    The total is taken over the genes given unless ``total`` is passed, so normalise the full
+    gene set first and subset genes afterwards (or pass the full gene set's ``total``) when a
+    panel should keep the full-transcriptome library size.
 
     Parameters
     ----------
@@ -24,6 +25,9 @@ def normalize_log1p(counts, target_sum: float = 1e4, dtype=np.float64):
         Counts per spot after normalisation (default 10,000).
     dtype
         Float dtype of the result (``np.float32`` halves memory for sample arrays).
+    total
+        Counts per spot to divide by, shaped like ``counts`` without its gene axis
+        (default: the sum over the genes given).
 
     Returns
     -------
@@ -33,15 +37,15 @@ def normalize_log1p(counts, target_sum: float = 1e4, dtype=np.float64):
     if target_sum <= 0:
         raise ValueError(f"target_sum must be positive, got {target_sum}")
     if isinstance(counts, xr.DataArray):
-        return counts.copy(data=normalize_log1p(counts.values, target_sum, dtype))
+        return counts.copy(data=normalize_log1p(counts.values, target_sum, dtype, total))
     if sp.issparse(counts):
         X = sp.csr_matrix(counts, dtype=dtype, copy=True)
-        total = np.asarray(X.sum(axis=1)).ravel()
+        total = np.asarray(X.sum(axis=1)).ravel() if total is None else np.asarray(total, dtype=dtype).ravel()
         scale = np.divide(target_sum, total, out=np.zeros_like(total), where=total > 0)
         X.data *= np.repeat(scale, np.diff(X.indptr)).astype(dtype, copy=False)
         np.log1p(X.data, out=X.data)
         return X
     X = np.asarray(counts, dtype=dtype)
-    total = X.sum(axis=-1, keepdims=True)
+    total = X.sum(axis=-1, keepdims=True) if total is None else np.asarray(total, dtype=dtype)[..., None]
     scale = np.divide(target_sum, total, out=np.zeros_like(total), where=total > 0)
     return np.log1p(X * scale)
