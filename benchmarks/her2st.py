@@ -267,23 +267,27 @@ def posterior_predictive(model: sp.SPARTHA, adata: AnnData, artifact: str, args,
     ``(prediction (spots × genes), genes, counts of the first chunk (sample × spot × column),
     (count draws, NB-mean draws, theta) over every modelled column)``.
     """
-    total, first, kept, means = None, None, [], []
+    total, first, kept, means = None, None, None, None
+    n_kept = min(args.calib_samples, args.num_samples)
     n_chunks = -(-args.num_samples // args.sample_chunk)
     for chunk in range(n_chunks):
-        n = min(args.sample_chunk, args.num_samples - chunk * args.sample_chunk)
+        start = chunk * args.sample_chunk
+        n = min(args.sample_chunk, args.num_samples - start)
         counts = model.predict_expression(adata, num_samples=n, artifact=artifact, seed=seed * 1000 + chunk)
         part = normalize_log1p(counts.values, dtype=np.float32).sum(0)
         total = part if total is None else total + part
         first = counts if first is None else first
-        if chunk * args.sample_chunk < args.calib_samples:
-            kept.append(counts.values)
-            means.append(
-                model.predict_expression(adata, num_samples=n, artifact=artifact, value="mean", seed=seed * 1000 + chunk).values
-            )
+        if start < n_kept:  # filled in place: a concatenation would need the draws twice
+            if kept is None:
+                kept, means = (np.empty((n_kept, *counts.shape[1:]), np.float32) for _ in range(2))
+            stop = min(start + n, n_kept)
+            kept[start:stop] = counts.values[: stop - start]
+            means[start:stop] = model.predict_expression(
+                adata, num_samples=n, artifact=artifact, value="mean", seed=seed * 1000 + chunk
+            ).values[: stop - start]
     genes = list(first["gene"].values)
     keep = [i for i, g in enumerate(genes) if g != REST]
-    calibration = (np.concatenate(kept)[: args.calib_samples], np.concatenate(means)[: args.calib_samples], model.dispersion)
-    return total[:, keep] / args.num_samples, [genes[i] for i in keep], first, calibration
+    return total[:, keep] / args.num_samples, [genes[i] for i in keep], first, (kept, means, model.dispersion)
 
 
 def nb_baseline(predictor, train: AnnData, test_hist: AnnData, args, seed: int):
