@@ -56,6 +56,7 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from functools import lru_cache
 from pathlib import Path
 
 import matplotlib
@@ -75,6 +76,7 @@ from spartha_pyro.baselines import HisToGene, MeanPredictor, NBWrapper, RidgePre
 from spartha_pyro.datasets.her2st import HER2ST_IMAGED, HER2ST_SECTIONS, dominant_cell_type, read_her2st  # noqa: E402
 from spartha_pyro.metrics import calibration_records, format_table, hvg_panel, normalize_log1p, probe_matrix, qcpr, regression_metrics  # noqa: E402
 from spartha_pyro.pp.patches import iter_patches  # noqa: E402
+from spartha_pyro.train import resolve_device  # noqa: E402
 
 #: SPARTHA trained with the count-only ``--extra-sections`` too, with the cluster labels or with
 #: cluster + pathology + dominant deconvolved cell type
@@ -398,15 +400,21 @@ def _init_worker(shared: tuple, threads: int) -> None:
     threadpool_limits(threads)
 
 
+@lru_cache(maxsize=1)  # runs are submitted grouped by split, so a process rarely prepares one twice
+def split_data(train_sections: tuple[str, ...], test_section: str) -> tuple[AnnData, AnnData, np.ndarray, dict]:
+    """Training spots, test spots, the test spots' log1p-normalised counts and the gene panels."""
+    adata, _, args = _SHARED
+    train = adata[adata.obs["slide"].isin(train_sections)].copy()
+    test = adata[adata.obs["slide"] == test_section].copy()
+    return train, test, normalize_log1p(test.X).toarray(), gene_panels(train, args)
+
+
 def run_task(task: tuple) -> tuple[list[dict], xr.DataArray | None]:
     """One ``(train sections, test section, validation, method, seed)`` run: trains, predicts
     the test section from histology, scores it; returns its records and SPARTHA's probe."""
-    adata, extra, args = _SHARED
+    _, extra, args = _SHARED
     train_sections, test_section, validation, method, seed = task
-    train = adata[adata.obs["slide"].isin(train_sections)].copy()
-    test = adata[adata.obs["slide"] == test_section].copy()
-    obs = normalize_log1p(test.X).toarray()
-    panels = gene_panels(train, args)
+    train, test, obs, panels = split_data(train_sections, test_section)
     start = time.perf_counter()
     preds, probe_da = run_method(method, train, test, panels, args, seed, validation, extra)
     seconds = time.perf_counter() - start
@@ -427,13 +435,10 @@ def run_task(task: tuple) -> tuple[list[dict], xr.DataArray | None]:
 def n_jobs(jobs: int, device: str, n_tasks: int) -> int:
     """``--jobs``; 0 means one process per CPU core on CPU (the models are too small for
     intra-op threads to pay) and one process on a GPU."""
-    import torch
-
     if jobs < 0:
         raise sp.InputError(f"--jobs must be >= 0, got {jobs}")
     if jobs == 0:
-        on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        jobs = 1 if on_gpu else os.cpu_count() or 1
+        jobs = 1 if resolve_device(device).type == "cuda" else os.cpu_count() or 1
     return max(1, min(jobs, n_tasks))
 
 
@@ -443,6 +448,7 @@ def run_tasks(tasks: list[tuple], shared: tuple, jobs: int):
     if jobs == 1:
         global _SHARED
         _SHARED = shared
+        split_data.cache_clear()
         yield from map(run_task, tasks)
         return
     threads = max(1, (os.cpu_count() or 1) // jobs)
