@@ -208,7 +208,9 @@ class DeviceLoader:
         self.csr = None
         if data.counts is not None:
             c = data.counts
-            self.csr = (put(c.indptr.astype(np.int64)), put(c.indices.astype(np.int32)), put(c.data.astype(np.float32)))
+            # copy=False: on CPU the "upload" is a view of the validated CSR arrays, not a second copy
+            arrays = (c.indptr.astype(np.int64, copy=False), c.indices.astype(np.int32, copy=False), c.data.astype(np.float32, copy=False))
+            self.csr = tuple(put(a) for a in arrays)
             self.max_nnz = int(np.diff(c.indptr).max(initial=0))
 
     @staticmethod

@@ -66,6 +66,14 @@ def test_device_and_host_loaders_give_the_same_batches_and_loss():
     torch.testing.assert_close(losses_with(model, dev, cpu), losses_with(model, host, cpu))
 
 
+def test_device_loader_on_cpu_does_not_copy_the_counts():
+    """On CPU the resident CSR is the validated one (no second copy of the data in host memory)."""
+    model = build(tiny())
+    counts = model._data.counts
+    _, col, val = DeviceLoader(model._data, torch.device("cpu"), 40).csr
+    assert np.shares_memory(col.numpy(), counts.indices) and np.shares_memory(val.numpy(), counts.data)
+
+
 def test_host_loader_stops_its_thread_and_reraises():
     model = build(tiny())
     loader = HostLoader(model._data, torch.device("cpu"), 40)
