@@ -8,7 +8,7 @@ then time ``--max-steps`` training steps (after ``--warmup`` untimed ones) exact
 - ``spots_per_s``: minibatch spots per second of the timed steps;
 - ``peak_host_mb``: peak RSS *during training* (the kernel's high-water mark is reset just
   before; in-memory data sets are resident, so this includes them), ``setup_peak_host_mb``:
-  peak RSS of the whole row (simulation and validation included);
+  peak RSS before training (simulation, validation and model construction);
 - ``peak_gpu_mb``: ``torch.cuda.max_memory_allocated`` during training (CUDA only);
 - ``data_mb``: size of the CSR counts; ``loader``: ``device`` (data resident on the
   device) or ``host`` (``--backed``: h5ad opened with ``backed="r"``, rows read per step);
@@ -86,6 +86,7 @@ def run_row(args) -> dict:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the simulator's temporaries must not count as used device memory
+    setup_peak_mb = peak_host_mb()  # before the reset, which also resets getrusage's ru_maxrss
     reset = _reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -117,7 +118,7 @@ def run_row(args) -> dict:
         "n_spots": args.n_spots,
         "spots_per_s": spots / seconds,
         "peak_host_mb": _peak_rss_mb() if reset else peak_host_mb(),
-        "setup_peak_host_mb": peak_host_mb(),
+        "setup_peak_host_mb": setup_peak_mb,
         "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "data_mb": data_mb,
         "nnz_per_spot": float(np.diff(np.asarray(adata.X.indptr if not args.backed else data.counts.matrix.group["indptr"][:])).mean()),
