@@ -93,7 +93,14 @@ class GeneNegativeBinomial(dist.NegativeBinomial):
         self.theta = theta
 
     def expand(self, batch_shape, _instance=None):
-        return dist.NegativeBinomial(self.total_count, logits=self.logits, validate_args=False).expand(batch_shape)
+        # Pyro's plates call expand on every sample site (even to the same shape): stay a
+        # GeneNegativeBinomial, or training silently falls back to the generic density
+        batch_shape = torch.Size(batch_shape)
+        if batch_shape == self.batch_shape:
+            return self
+        if batch_shape[-1:] != self.theta.shape[-1:]:
+            raise ValueError(f"cannot expand over genes: batch_shape {tuple(batch_shape)}, theta {tuple(self.theta.shape)}")
+        return GeneNegativeBinomial(self.theta, self.logits.expand(batch_shape))
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         theta = self.theta

@@ -209,3 +209,30 @@ def test_refit_after_early_stopping_uses_every_spot(sim):
     assert model.module.model.n_spots == sim.n_obs  # the validation slide is trained on
     with pytest.raises(sp.InputError, match="refit=True needs validation"):
         model.train(max_epochs=1, progress=False, refit=True)
+
+
+def test_gene_negative_binomial_is_the_nb_density_and_survives_plates(trained, sim):
+    """The cheaper NB log-density equals torch's, and the model's x_t site keeps it through the
+    plate's ``expand`` (it silently fell back to the generic density before)."""
+    from pyro import poutine
+
+    from spartha_pyro.models.likelihoods import GeneNegativeBinomial
+    from spartha_pyro.module import batch_args
+
+    g = torch.Generator().manual_seed(0)
+    theta, logits = torch.rand(7, generator=g) * 5 + 0.1, torch.randn(4, 7, generator=g)
+    x = torch.poisson(torch.rand(4, 7, generator=g) * 30)
+    nb = GeneNegativeBinomial(theta, logits)
+    reference = torch.distributions.NegativeBinomial(theta, logits=logits)
+    torch.testing.assert_close(nb.log_prob(x), reference.log_prob(x))
+    wide = nb.expand((3, 4, 7))
+    assert isinstance(wide, GeneNegativeBinomial) and nb.expand((4, 7)) is nb
+    torch.testing.assert_close(wide.log_prob(x), reference.expand((3, 4, 7)).log_prob(x))
+    with pytest.raises(ValueError, match="over genes"):
+        nb.expand((4, 8))
+
+    batch = trained._data.minibatch(np.arange(32), torch.device("cpu"), sim.n_vars)
+    fn = poutine.trace(trained.module.model).get_trace(*batch_args(batch)).nodes["x_t"]["fn"]
+    while not isinstance(fn, GeneNegativeBinomial):
+        assert hasattr(fn, "base_dist"), f"x_t site lost GeneNegativeBinomial: {type(fn).__name__}"
+        fn = fn.base_dist
