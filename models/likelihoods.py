@@ -108,7 +108,7 @@ class GeneNegativeBinomial(dist.NegativeBinomial):
         return log_unnormalized + torch.lgamma(theta + value) - torch.lgamma(1.0 + value) - torch.lgamma(theta)
 
 
-def count_likelihood(mu, theta, gate_logits=None):
+def count_likelihood(mu, theta, gate_logits=None, gene_mask=None):
     """NB (``gate_logits is None``) or zero-inflated NB over genes, event dim 1.
 
     Parameters
@@ -119,9 +119,12 @@ def count_likelihood(mu, theta, gate_logits=None):
         ``(genes,)`` inverse dispersion, positive.
     gate_logits
         ``(batch, genes)`` logits of the zero-inflation gate, or ``None`` for plain NB.
+    gene_mask
+        Bool ``(batch, genes)``: genes left out of the log-density where ``False``
+        (unmeasured), or ``None`` for all genes.
     """
     logits = (mu + EPS).log() - (theta + EPS).log()
-    nb = GeneNegativeBinomial(theta, logits)
-    if gate_logits is None:
-        return nb.to_event(1)
-    return dist.ZeroInflatedDistribution(nb, gate_logits=gate_logits, validate_args=False).to_event(1)
+    d = GeneNegativeBinomial(theta, logits)
+    if gate_logits is not None:
+        d = dist.ZeroInflatedDistribution(d, gate_logits=gate_logits, validate_args=False)
+    return (d if gene_mask is None else d.mask(gene_mask)).to_event(1)

@@ -13,14 +13,17 @@ For each spot ``n`` (a ``pyro.plate("spots")`` with subsampling):
     Z_x &\sim \mathcal N(0, I) \qquad\text{(optional free residual, SpatialDIVA's } z_x)\\
     h &= f_\theta(Z_y^{1..m}, Z_d, Z_r, Z_x)\\
     \log l_n &\sim \mathcal N(a_\theta(h), s_\theta) \qquad\text{(log1p library size, observed in training)}\\
-    X_{t,n} &\sim \mathrm{NB}(l_n\, \mathrm{softmax}(W_t h),\ \theta)
+    X_{t,n} &\sim \mathrm{NB}(l_n\, \mathrm{softmax}_{M_{d_n}}(W_t h),\ \theta)
         \quad\text{(or ZINB; all genes)}\\
     X_{h,n} &\sim \mathcal N(W_h h, \mathrm{diag}(\sigma_h^2)) \qquad\text{(standardised histology vector)}
 
 A missing label (code ``-1``) makes its prior the class mixture (see
 :class:`~spartha_pyro.models.likelihoods.LabelConditionedNormal`). Spots without counts
 (``has_counts = False``) or without histology (``has_histology = False``) have that
-likelihood masked out. Every site is scaled by ``1 / n_spots`` so the loss is the negative
+likelihood masked out. With a gene mask ``M`` (which genes each batch's panel measured, as
+after an outer join of sections), the softmax is taken over the genes ``M_{d_n}`` that the
+spot's batch measured and the other genes are left out of its count likelihood instead of
+being read as zeros; generated counts (``X_t`` not observed) cover every gene. Every site is scaled by ``1 / n_spots`` so the loss is the negative
 ELBO per spot and learning rates do not depend on data size; the plate's subsampling scales
 a minibatch up to the full data.
 
@@ -92,6 +95,10 @@ class SparthaModel(PyroModule):
         ``False`` drops ``Z_r`` (SpatialDIVA).
     likelihood
         ``"nb"`` or ``"zinb"``.
+    gene_mask
+        Bool ``(n_batches, G)``: ``True`` where batch ``d`` measured gene ``g`` (``None``:
+        every batch measured every gene). A batch with no measured gene (no counts) counts
+        as measuring all of them.
     """
 
     def __init__(
@@ -109,6 +116,7 @@ class SparthaModel(PyroModule):
         hidden: int = 256,
         artifact_latent: bool = True,
         likelihood: str = "nb",
+        gene_mask: torch.Tensor | None = None,
     ):
         super().__init__()
         if likelihood not in ("nb", "zinb"):
@@ -135,6 +143,18 @@ class SparthaModel(PyroModule):
         self.library_raw_scale = nn.Parameter(torch.zeros(1))
         self.histology_loc = nn.Linear(hidden, histology_dim)
         self.histology_raw_scale = nn.Parameter(torch.zeros(histology_dim))
+        if gene_mask is not None:
+            if gene_mask.shape != (len(batch_class_counts), n_genes):
+                want = (len(batch_class_counts), n_genes)
+                raise ValueError(f"gene_mask must be (n_batches, n_genes) = {want}, got {tuple(gene_mask.shape)}")
+            gene_mask = gene_mask.bool() | ~gene_mask.bool().any(-1, keepdim=True)
+        self.register_buffer("gene_mask", gene_mask)
+
+    def measured(self, batch: torch.Tensor) -> torch.Tensor | None:
+        """Bool ``(B, G)``: the genes each spot's batch measured (all for an unknown batch ``-1``); ``None`` without a mask."""
+        if self.gene_mask is None:
+            return None
+        return self.gene_mask[batch.clamp(min=0)] | (batch < 0).unsqueeze(-1)
 
     def latent_priors(self, labels, batch, qc):
         """``{site: p(Z | L)}`` for the spots of a minibatch, in decoding order."""
@@ -186,13 +206,17 @@ class SparthaModel(PyroModule):
             z = [pyro.sample(name, prior) for name, prior in self.latent_priors(labels, batch, qc).items()]
             rho, gate, lib_loc, lib_scale, hist_loc, hist_scale = self.decode(torch.cat(z, -1))
 
+            measured = self.measured(batch) if x_t is not None else None
+            if measured is not None:  # proportions over the genes this spot's panel measured
+                rho = rho * measured
+                rho = rho / rho.sum(-1, keepdim=True)
             obs_log_lib = torch.log1p(x_t.sum(-1)) if x_t is not None else None
             log_lib = pyro.sample(
                 "log_library", dist.Normal(lib_loc, lib_scale).mask(has_counts), obs=obs_log_lib
             )
             mu = pyro.deterministic("mu", torch.expm1(log_lib).clamp(min=0.0).unsqueeze(-1) * rho, event_dim=1)
             theta = self.log_theta.exp()
-            pyro.sample("x_t", count_likelihood(mu, theta, gate).mask(has_counts), obs=x_t)
+            pyro.sample("x_t", count_likelihood(mu, theta, gate, measured).mask(has_counts), obs=x_t)
             pyro.sample(
                 "x_h", dist.Normal(hist_loc, hist_scale).to_event(1).mask(has_histology), obs=x_h
             )

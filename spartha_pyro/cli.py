@@ -109,7 +109,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     adata = datasets.load(args.input, kind="h5ad", sections=args.sections)
     model = SPARTHA(
         adata, histology_key=args.histology_key, label_keys=args.label_keys or [], batch_key=args.batch_key,
-        qc_key=args.qc_key, layer=args.layer, counts_key=args.counts_key, artifact_latent=args.artifact_latent,
+        qc_key=args.qc_key, layer=args.layer, counts_key=args.counts_key,
+        gene_mask_key=args.gene_mask_key, artifact_latent=args.artifact_latent,
         likelihood=args.likelihood,
         y_dim=args.y_dim, d_dim=args.d_dim, r_dim=args.r_dim, x_dim=args.x_dim, hidden=args.hidden,
         aux_weights=_aux_weights(args.aux_weights), histology_weight=args.histology_weight,
@@ -234,6 +235,8 @@ def _add_train(sub) -> None:
     g.add_argument("--layer", default=None, help="layer with raw counts (default X)")
     g.add_argument("--counts-key", default=None,
                    help="boolean obs column, False for spots without measured counts (default: all have counts)")
+    g.add_argument("--gene-mask-key", default=None,
+                   help="varm key of the genes x batches bool mask of measured genes, e.g. 'measured' after an outer join")
     g = p.add_argument_group("model")
     g.add_argument("--no-artifact-latent", dest="artifact_latent", action="store_false",
                    help="drop the artifact latent Z_r: the SpatialDIVA ablation")

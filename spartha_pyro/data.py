@@ -63,6 +63,7 @@ class Registry:
     histology_mean: list[float] = field(default_factory=list)
     histology_std: list[float] = field(default_factory=list)
     counts_key: str | None = None
+    gene_mask_key: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,7 +76,8 @@ class SpotArrays:
     ``counts`` is CSR float32 ``(n, G)``, a :class:`BackedCounts` (rows read from disk on
     demand) or ``None``; ``count_mask`` bool ``(n,)`` marks the spots whose counts were
     measured (``None``: all of them, when ``counts`` is given); ``x_h`` float32 ``(n, H)``
-    standardised (missing rows zero); codes are int64 with ``-1`` for missing.
+    standardised (missing rows zero); codes are int64 with ``-1`` for missing;
+    ``gene_mask`` bool ``(n_batches, G)`` marks the genes each batch measured (``None``: all).
     """
 
     obs_names: pd.Index
@@ -86,6 +88,7 @@ class SpotArrays:
     batch: np.ndarray
     qc: np.ndarray
     count_mask: np.ndarray | None = None
+    gene_mask: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -406,6 +409,7 @@ def build_registry(
     qc_key: str | None,
     layer: str | None = None,
     counts_key: str | None = None,
+    gene_mask_key: str | None = None,
 ) -> Registry:
     """Validate a training AnnData and record genes, categories and histology scaling.
 
@@ -416,6 +420,8 @@ def build_registry(
     _check_obs_names(adata)
     if adata.n_vars == 0:
         raise InputError("the training AnnData has no genes: SPARTHA needs counts to learn expression")
+    if gene_mask_key is not None and batch_key is None:
+        raise InputError("gene_mask_key needs batch_key: the mask says which genes each batch measured")
     for key in [*label_keys, *(k for k in (batch_key, qc_key) if k is not None)]:
         if key not in adata.obs:
             raise InputError(f"obs key {key!r} is not a column of adata.obs")
@@ -471,6 +477,7 @@ def build_registry(
         histology_mean=mean.astype(float).tolist(),
         histology_std=std.astype(float).tolist(),
         counts_key=counts_key,
+        gene_mask_key=gene_mask_key,
     )
 
 
@@ -531,7 +538,7 @@ def encode_adata(adata: AnnData, registry: Registry, require_counts: bool = Fals
         batch = _codes(adata.obs[registry.batch_key], registry.batch_categories)
     else:
         batch = np.full(adata.n_obs, -1, dtype=np.int64)
-    return SpotArrays(
+    data = SpotArrays(
         obs_names=adata.obs_names.copy(),
         counts=counts,
         x_h=x_h.astype(np.float32),
@@ -541,6 +548,54 @@ def encode_adata(adata: AnnData, registry: Registry, require_counts: bool = Fals
         qc=_qc_codes(adata, registry.qc_key),
         count_mask=count_mask,
     )
+    if require_counts and registry.gene_mask_key is not None:
+        data.gene_mask = read_gene_mask(adata, registry, data)
+    return data
+
+
+def read_gene_mask(adata: AnnData, registry: Registry, data: SpotArrays, chunk: int = 8192) -> np.ndarray:
+    """``varm[registry.gene_mask_key]`` as bool ``(n_batches, G)`` in the registry's batch and gene order.
+
+    The ``varm`` entry is a DataFrame (genes × batches, one bool column per batch category;
+    ``True`` = that batch's panel measured the gene), as :func:`spartha_pyro.pp.combine_sections`
+    writes it. Raises :class:`InputError` when it is not, when a batch with counts measured no
+    gene, or when a spot has counts in a gene its batch did not measure (a wrong mask).
+    """
+    key = registry.gene_mask_key
+    if key not in adata.varm:
+        raise InputError(f"gene_mask_key {key!r} is not in adata.varm (has {list(adata.varm)})")
+    M = adata.varm[key]
+    if not isinstance(M, pd.DataFrame):
+        raise InputError(
+            f"varm[{key!r}] must be a DataFrame of genes × batches (one bool column per batch), got {type(M).__name__}"
+        )
+    M = M.set_axis(M.columns.astype(str), axis=1)
+    missing = [b for b in registry.batch_categories if b not in M.columns]
+    if missing:
+        raise InputError(f"varm[{key!r}] has no column for batches {missing[:5]} of obs[{registry.batch_key!r}]")
+    M = M.reindex(registry.genes)[registry.batch_categories]
+    if not all(pd.api.types.is_bool_dtype(M[c]) for c in M.columns):
+        dtypes = sorted(set(map(str, M.dtypes)))
+        raise InputError(f"varm[{key!r}] must be boolean (True = the batch measured the gene), got dtypes {dtypes}")
+    mask = M.to_numpy(dtype=bool).T
+    counted = np.unique(data.batch[data.has_counts & (data.batch >= 0)])
+    empty = [registry.batch_categories[b] for b in counted if not mask[b].any()]
+    if empty:
+        raise InputError(f"varm[{key!r}] marks no gene as measured for batches {empty[:5]}, which have counts")
+    if data.counts is not None:
+        for start in range(0, data.n, chunk):
+            idx = np.arange(start, min(start + chunk, data.n))
+            sub = data.counts[idx].tocoo()
+            bad_entry = ~mask[data.batch[idx][sub.row], sub.col] & data.has_counts[idx][sub.row]
+            if bad_entry.any():
+                spots = np.zeros(data.n, dtype=bool)
+                spots[idx[sub.row[bad_entry]]] = True
+                genes = sorted({registry.genes[g] for g in sub.col[bad_entry][:5]})
+                raise InputError(
+                    f"spots {_name_spots(data.obs_names, spots)} have counts in genes their batch did not "
+                    f"measure according to varm[{key!r}] (e.g. {genes}): the mask is wrong"
+                )
+    return mask
 
 
 def class_counts(codes: np.ndarray, n_classes: int) -> torch.Tensor:

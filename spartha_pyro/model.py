@@ -54,6 +54,13 @@ class SPARTHA:
     counts_key
         Boolean ``obs`` column, ``False`` for spots whose counts were not measured (their
         ``X`` rows are ignored); ``None``: every spot has counts.
+    gene_mask_key
+        ``varm`` key of a bool DataFrame, genes × batches (columns named by the ``batch_key``
+        categories): ``False`` where a batch's panel did not measure a gene, e.g. after
+        ``combine_sections(..., join="outer")``, which writes ``varm["measured"]``. Those
+        genes are left out of the batch's count likelihood (and its proportions are
+        renormalised over the measured genes) instead of being read as zeros. ``None``:
+        every batch measured every gene.
     artifact_latent
         ``False`` removes ``Z_r`` and its classifier: the SpatialDIVA baseline.
     likelihood
@@ -92,6 +99,7 @@ class SPARTHA:
         qc_key: str | None = "qc_pass",
         layer: str | None = None,
         counts_key: str | None = None,
+        gene_mask_key: str | None = None,
         artifact_latent: bool = True,
         likelihood: str = "nb",
         y_dim: int = 16,
@@ -114,7 +122,8 @@ class SPARTHA:
                 f"qc_key {qc_key!r} is not a column of adata.obs; run sp.pp.annotate_qc(adata) first"
             )
         self.registry = build_registry(
-            adata, histology_key, list(label_keys), batch_key, qc_key if artifact_latent else None, layer, counts_key
+            adata, histology_key, list(label_keys), batch_key, qc_key if artifact_latent else None, layer, counts_key,
+            gene_mask_key,
         )
         self.init_kwargs = dict(
             artifact_latent=artifact_latent, likelihood=likelihood, y_dim=y_dim, d_dim=d_dim, r_dim=r_dim,
@@ -139,11 +148,12 @@ class SPARTHA:
     def _build_module(self, n_spots: int) -> SparthaModule:
         r, data = self.registry, self._data
         kw = dict(self.init_kwargs)
-        if data is None:  # loaded for prediction only: the saved state restores the class weights
+        if data is None:  # loaded for prediction only: the saved state restores the class weights and gene mask
             no_codes = np.empty(0, dtype=np.int64)
             labels, batch, qc = np.empty((0, len(r.label_keys)), dtype=np.int64), no_codes, no_codes
+            gene_mask = np.ones((len(r.batch_categories), len(r.genes)), bool) if r.gene_mask_key else None
         else:
-            labels, batch, qc = data.labels, data.batch, data.qc
+            labels, batch, qc, gene_mask = data.labels, data.batch, data.qc, data.gene_mask
         return SparthaModule(
             n_spots=n_spots,
             n_genes=len(r.genes),
@@ -155,6 +165,7 @@ class SPARTHA:
             histology_weight=kw.pop("histology_weight"),
             histology_encoder=kw.pop("histology_encoder"),
             histology_dropout=kw.pop("histology_dropout"),
+            gene_mask=torch.from_numpy(gene_mask) if gene_mask is not None else None,
             **kw,
         )
 

@@ -49,7 +49,7 @@ class SparthaModule(nn.Module):
     histology_encoder
         ``"mlp"`` or ``"linear"``.
     **model_kwargs
-        Latent sizes, ``hidden``, ``artifact_latent``, ``likelihood``.
+        Latent sizes, ``hidden``, ``artifact_latent``, ``likelihood``, ``gene_mask``.
     """
 
     def __init__(

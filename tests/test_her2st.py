@@ -99,10 +99,17 @@ def test_patches_are_centred_on_tissue(adata):
 
 def test_join_outer_and_gene_warning():
     inner = read_her2st(DATA, sections=["C5", "B4"], deconvolution=(), image_downscale=200)
-    outer = read_her2st(DATA, sections=["C5", "B4"], join="outer", deconvolution=(), image_downscale=200)
+    with pytest.warns(UserWarning, match="zero-filled.*gene_mask_key='measured'"):
+        outer = read_her2st(DATA, sections=["C5", "B4"], join="outer", deconvolution=(), image_downscale=200)
     assert outer.n_vars > inner.n_vars
     assert set(inner.var_names) <= set(outer.var_names)
     assert outer.X.sum() >= inner.X.sum()
+    assert inner.varm["measured"].to_numpy().all()
+    measured = outer.varm["measured"]
+    assert list(measured.columns) == ["C5", "B4"] and measured.loc[inner.var_names].to_numpy().all()
+    for s in ("C5", "B4"):  # a gene the section did not report has no counts there
+        rows = (outer.obs["slide"] == s).to_numpy()
+        assert outer[rows][:, ~measured[s].to_numpy()].X.nnz == 0 and not measured[s].all()
 
 
 def test_low_gene_overlap_warns(tmp_path):

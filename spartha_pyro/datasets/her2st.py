@@ -32,7 +32,7 @@ from anndata import AnnData
 from .._errors import InputError
 from ..io._images import image_size, load_rgb
 from ..io.write import atomic_path
-from ..pp.combine import align_genes, check_gene_overlap, joined_genes
+from ..pp.combine import align_genes, check_gene_overlap, joined_genes, measured_genes, warn_zero_filled
 
 #: The 35 sections with counts (patients A–H).
 HER2ST_SECTIONS: tuple[str, ...] = tuple(
@@ -252,7 +252,8 @@ def read_her2st(
         Section names, e.g. ``["B4", "C2"]``; default: every section with a counts file.
     join
         ``"inner"`` keeps genes measured in every chosen section; ``"outer"`` keeps all genes,
-        zero-filling those a section did not measure.
+        zero-filling those a section did not measure (``varm["measured"]`` marks them; see
+        ``SPARTHA(gene_mask_key="measured")``).
     image_downscale
         Longest side, in pixels, of the in-memory low-resolution image kept per section
         (``uns["spatial"][section]["images"]["lowres"]``). Full-resolution images are never
@@ -275,6 +276,8 @@ def read_her2st(
       ``scalefactors`` (``tissue_lowres_scalef``, ``spot_diameter_fullres`` in px) and
       ``metadata`` (``source_image_path`` absolute, ``source_image_scalef`` = source-image px
       per full-resolution px, ``microns_per_pixel``, ``spot_diameter_um``);
+    - ``varm["measured"]``: bool DataFrame, genes × sections, ``True`` where the section's
+      counts file has the gene;
     - ``uns["her2st"]``: spots that did not join (per section) and the join used.
 
     Raises
@@ -374,6 +377,8 @@ def read_her2st(
     obs["slide"] = obs["slide"].cat.reorder_categories(sections)
     adata = AnnData(X=X.astype(np.float32), obs=obs, var=pd.DataFrame(index=var_names))
     adata.obsm["spatial"] = np.vstack(xy_parts)
+    adata.varm["measured"] = measured_genes(gene_sets, var_names, sections)
+    warn_zero_filled(adata.varm["measured"], sections)
     for level in deconvolution:
         tables = _read_deconvolution(root, level, sections)
         if tables:

@@ -8,12 +8,15 @@ AnnData that :class:`~spartha_pyro.SPARTHA` trains on, with the conventions of
 - a spot without histology gets an all-NaN row in ``obsm[histology_key]``;
 - a spot without counts gets ``obs[counts_key] = False`` (its ``X`` row is zero and ignored);
 - ``obs["modality"]`` says which of ``"counts+histology"``, ``"counts"``, ``"histology"``
-  each spot has, and ``obs[batch_key]`` its section.
+  each spot has, and ``obs[batch_key]`` its section;
+- ``varm["measured"]`` (genes × sections, bool) says which genes each section reported: after
+  ``join="outer"``, pass ``gene_mask_key="measured"`` to :class:`~spartha_pyro.SPARTHA` so
+  the zero-filled genes are left out of that section's likelihood.
 """
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -84,6 +87,27 @@ def check_gene_overlap(gene_sets: Mapping[str, pd.Index], join: str, min_overlap
             raise InputError(message)
 
 
+def measured_genes(gene_sets: Mapping[str, pd.Index], genes: pd.Index, sections: Sequence[str]) -> pd.DataFrame:
+    """Bool DataFrame ``genes`` × ``sections``: ``True`` where the section reported the gene
+    (``gene_sets`` holds the sections with counts; a section without counts is all ``False``)."""
+    return pd.DataFrame(
+        {s: genes.isin(gene_sets[s]) if s in gene_sets else np.zeros(genes.size, bool) for s in sections},
+        index=genes,
+    )
+
+
+def warn_zero_filled(measured: pd.DataFrame, counted: Sequence[str]) -> None:
+    """Warn when the outer join zero-filled genes of sections with counts, naming ``gene_mask_key``."""
+    filled = {s: int((~measured[s]).sum()) for s in counted if not measured[s].all()}
+    if filled:
+        warnings.warn(
+            f"join='outer' zero-filled genes a section did not report ({filled}); pass "
+            "gene_mask_key='measured' to SPARTHA so they are left out of those sections' likelihood "
+            "instead of being read as zeros",
+            stacklevel=3,
+        )
+
+
 def joined_genes(gene_sets: Mapping[str, pd.Index], join: str) -> pd.Index:
     """Intersection (``"inner"``) or union (``"outer"``) of gene names in first-seen order."""
     order = list(gene_sets.values())
@@ -123,7 +147,8 @@ def combine_sections(
     join
         Genes of the result: ``"inner"`` (default), the intersection over sections with
         counts, or ``"outer"``, the union, zero-filling the genes a section did not report
-        (the model reads those zeros as measured: use only when absent means unexpressed).
+        (``varm["measured"]`` marks them: ``SPARTHA(gene_mask_key="measured")`` leaves them
+        out of the likelihood; without it the model reads those zeros as measured).
     min_overlap
         Smallest share of the genes common to the other sections that each section must
         have; a section below it raises (see :func:`gene_overlap`).
@@ -132,7 +157,8 @@ def combine_sections(
     -------
     AnnData (spots × joined genes, float32 CSR counts) with ``obs`` = the union of the
     sections' ``obs`` columns plus ``batch_key``, ``counts_key`` and ``modality``;
-    ``obsm[histology_key]`` (NaN rows where missing); other ``obsm`` keys only when every
+    ``obsm[histology_key]`` (NaN rows where missing), ``varm["measured"]`` (bool, genes ×
+    sections: the genes each section reported); other ``obsm`` keys only when every
     section has them with one width. Spot names are prefixed with ``"<section>_"`` when
     they collide across sections.
     """
@@ -185,6 +211,8 @@ def combine_sections(
     obs[counts_key] = obs[counts_key].astype(bool)
     out = AnnData(X=sp.vstack(blocks, format="csr"), obs=obs, var=pd.DataFrame(index=genes))
     out.obsm[histology_key] = np.vstack(hist)
+    out.varm["measured"] = measured_genes(gene_sets, genes, names)
+    warn_zero_filled(out.varm["measured"], list(gene_sets))
     for key in set.intersection(*(set(ad.obsm) for ad in adatas.values())) - {histology_key}:
         arrays = [ad.obsm[key] for ad in adatas.values()]
         if all(isinstance(a, np.ndarray) and a.ndim == 2 for a in arrays) and len({a.shape[1] for a in arrays}) == 1:
