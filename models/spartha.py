@@ -23,9 +23,9 @@ A missing label (code ``-1``) makes its prior the class mixture (see
 likelihood masked out. With a gene mask ``M`` (which genes each batch's panel measured, as
 after an outer join of sections), the softmax is taken over the genes ``M_{d_n}`` that the
 spot's batch measured and the other genes are left out of its count likelihood instead of
-being read as zeros; generated counts (``X_t`` not observed) cover every gene. Every site is scaled by ``1 / n_spots`` so the loss is the negative
-ELBO per spot and learning rates do not depend on data size; the plate's subsampling scales
-a minibatch up to the full data.
+being read as zeros; generated counts (``X_t`` not observed) cover every gene. Every site is
+scaled by ``1 / n_spots`` so the loss is the negative ELBO per spot and learning rates do not
+depend on data size; the plate's subsampling scales a minibatch up to the full data.
 
 With ``artifact_latent=False`` there is no ``Z_r``: the same code is the SpatialDIVA
 ablation. The auxiliary classifiers ``q_psi(L | Z)`` live in :mod:`spartha_pyro.guides`.

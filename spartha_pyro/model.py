@@ -59,8 +59,9 @@ class SPARTHA:
         categories): ``False`` where a batch's panel did not measure a gene, e.g. after
         ``combine_sections(..., join="outer")``, which writes ``varm["measured"]``. Those
         genes are left out of the batch's count likelihood (and its proportions are
-        renormalised over the measured genes) instead of being read as zeros. ``None``:
-        every batch measured every gene.
+        renormalised over the measured genes) instead of being read as zeros; the full
+        guide's encoder still sees the zero-filled values as input. ``None``: every batch
+        measured every gene.
     artifact_latent
         ``False`` removes ``Z_r`` and its classifier: the SpatialDIVA baseline.
     likelihood
