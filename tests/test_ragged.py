@@ -190,7 +190,7 @@ def outer_joined(sim, n_dropped=30):
     for i, s in enumerate(names):
         part = sim[(sim.obs["slide"] == s).to_numpy()].copy()
         parts[s] = part if i == 0 else part[:, n_dropped:].copy()
-    with pytest.warns(UserWarning, match="zero-filled.*gene_mask_key='measured'"):
+    with pytest.warns(UserWarning, match="zero-filled.*not on that section's panel, pass gene_mask_key='measured'"):
         combined = sp.pp.combine_sections(parts, batch_key="slide", join="outer")
     return combined, dropped
 

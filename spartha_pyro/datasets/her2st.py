@@ -32,7 +32,7 @@ from anndata import AnnData
 from .._errors import InputError
 from ..io._images import image_size, load_rgb
 from ..io.write import atomic_path
-from ..pp.combine import align_genes, check_gene_overlap, joined_genes, measured_genes, warn_zero_filled
+from ..pp.combine import align_genes, check_gene_overlap, joined_genes, measured_genes
 
 #: The 35 sections with counts (patients A–H).
 HER2ST_SECTIONS: tuple[str, ...] = tuple(
@@ -252,8 +252,10 @@ def read_her2st(
         Section names, e.g. ``["B4", "C2"]``; default: every section with a counts file.
     join
         ``"inner"`` keeps genes measured in every chosen section; ``"outer"`` keeps all genes,
-        zero-filling those a section did not measure (``varm["measured"]`` marks them; see
-        ``SPARTHA(gene_mask_key="measured")``).
+        zero-filling those missing from a section's table. her2st is whole-transcriptome and
+        each table lists ~15,000 of the genes (11,877 are in all 35), so a missing gene was
+        most likely not detected there and the zero is right; ``varm["measured"]`` marks
+        them if you would rather leave them out (``SPARTHA(gene_mask_key="measured")``).
     image_downscale
         Longest side, in pixels, of the in-memory low-resolution image kept per section
         (``uns["spatial"][section]["images"]["lowres"]``). Full-resolution images are never
@@ -378,7 +380,6 @@ def read_her2st(
     adata = AnnData(X=X.astype(np.float32), obs=obs, var=pd.DataFrame(index=var_names))
     adata.obsm["spatial"] = np.vstack(xy_parts)
     adata.varm["measured"] = measured_genes(gene_sets, var_names, sections)
-    warn_zero_filled(adata.varm["measured"], sections)
     for level in deconvolution:
         tables = _read_deconvolution(root, level, sections)
         if tables:

@@ -10,8 +10,10 @@ AnnData that :class:`~spartha_pyro.SPARTHA` trains on, with the conventions of
 - ``obs["modality"]`` says which of ``"counts+histology"``, ``"counts"``, ``"histology"``
   each spot has, and ``obs[batch_key]`` its section;
 - ``varm["measured"]`` (genes × sections, bool) says which genes each section reported: after
-  ``join="outer"``, pass ``gene_mask_key="measured"`` to :class:`~spartha_pyro.SPARTHA` so
-  the zero-filled genes are left out of that section's likelihood.
+  ``join="outer"`` over sections with different panels, pass ``gene_mask_key="measured"`` to
+  :class:`~spartha_pyro.SPARTHA` so the zero-filled genes are left out of that section's
+  likelihood (not when a section's table merely omits its undetected genes: those zeros are
+  right).
 """
 from __future__ import annotations
 
@@ -101,9 +103,9 @@ def warn_zero_filled(measured: pd.DataFrame, counted: Sequence[str]) -> None:
     filled = {s: int((~measured[s]).sum()) for s in counted if not measured[s].all()}
     if filled:
         warnings.warn(
-            f"join='outer' zero-filled genes a section did not report ({filled}); pass "
-            "gene_mask_key='measured' to SPARTHA so they are left out of those sections' likelihood "
-            "instead of being read as zeros",
+            f"join='outer' zero-filled genes a section did not report ({filled}). If they were not on "
+            "that section's panel, pass gene_mask_key='measured' to SPARTHA so they are left out of its "
+            "likelihood; if the section's table merely omits undetected genes, the zeros are right",
             stacklevel=3,
         )
 
