@@ -9,6 +9,7 @@ import torch
 from pyro import poutine
 
 import spartha_pyro as sp
+from spartha_pyro.module import batch_args
 from conftest import SMALL
 from test_model import histology_only, probe
 
@@ -219,7 +220,7 @@ def test_gene_mask_leaves_unmeasured_genes_out_of_the_likelihood(sim):
         model = sp.SPARTHA(combined, label_keys=["cell_type"], batch_key="slide", gene_mask_key=key, **SMALL)
         module = model.module.eval()
         batch = model._data.minibatch(np.flatnonzero(sliced)[:50], torch.device("cpu"), combined.n_vars)
-        args = tuple(batch[k] for k in ("x_t", "x_h", "labels", "batch", "qc", "has_counts", "has_histology", "index"))
+        args = batch_args(batch)
 
         def x_t_log_prob():
             pyro.set_rng_seed(0)
