@@ -64,6 +64,10 @@ class Registry:
     histology_std: list[float] = field(default_factory=list)
     counts_key: str | None = None
     gene_mask_key: str | None = None
+    #: ``"section"``: each section's histology is standardised by its own spots' mean and sd
+    #: (see :func:`standardize_histology`); ``"global"``: by the training spots' (models saved
+    #: before this field existed)
+    histology_scaling: str = "global"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -410,6 +414,7 @@ def build_registry(
     layer: str | None = None,
     counts_key: str | None = None,
     gene_mask_key: str | None = None,
+    histology_scaling: str = "section",
 ) -> Registry:
     """Validate a training AnnData and record genes, categories and histology scaling.
 
@@ -418,6 +423,8 @@ def build_registry(
     decoder alone.
     """
     _check_obs_names(adata)
+    if histology_scaling not in HISTOLOGY_SCALINGS:
+        raise InputError(f"histology_scaling must be one of {HISTOLOGY_SCALINGS}, got {histology_scaling!r}")
     if adata.n_vars == 0:
         raise InputError("the training AnnData has no genes: SPARTHA needs counts to learn expression")
     if gene_mask_key is not None and batch_key is None:
@@ -478,7 +485,54 @@ def build_registry(
         histology_std=std.astype(float).tolist(),
         counts_key=counts_key,
         gene_mask_key=gene_mask_key,
+        histology_scaling=histology_scaling,
     )
+
+
+HISTOLOGY_SCALINGS = ("section", "global")
+
+#: sections with fewer imaged spots are scaled by the training statistics instead of their own
+MIN_SECTION_SPOTS = 20
+
+
+def standardize_histology(
+    H: np.ndarray,
+    has: np.ndarray,
+    sections: np.ndarray | str | None,
+    fallback_mean: np.ndarray,
+    fallback_std: np.ndarray,
+) -> np.ndarray:
+    """Standardised histology ``(n, H)`` float32, rows without histology zero.
+
+    ``sections`` an array of section names (one per spot): each section is centred and
+    scaled by its own imaged spots' mean and sd, which removes a slide's stain or scanner
+    shift before encoding (a section's per-gene ranking of spots is unchanged by it);
+    ``None``: all spots form one section; ``"global"``: every spot is scaled by the
+    ``fallback`` (training) statistics. A section with fewer than
+    :data:`MIN_SECTION_SPOTS` imaged spots gets the fallback statistics, with a warning.
+    """
+    out = np.zeros(H.shape, np.float32)
+    if isinstance(sections, str):
+        out[has] = (H[has] - fallback_mean) / fallback_std
+        return out
+    sections = np.zeros(len(H), dtype=np.int64) if sections is None else np.asarray(sections)
+    small = []
+    for name in pd.unique(sections[has]):
+        rows = has & (sections == name)
+        if rows.sum() < MIN_SECTION_SPOTS:
+            small.append(str(name))
+            mean, std = fallback_mean, fallback_std
+        else:
+            mean, std = H[rows].mean(0), H[rows].std(0)
+            std = np.where(std > 1e-6, std, 1.0)
+        out[rows] = (H[rows] - mean) / std
+    if small:
+        warnings.warn(
+            f"sections {small} have fewer than {MIN_SECTION_SPOTS} spots with histology: scaled by the training "
+            "statistics instead of their own (histology_scaling='section' needs whole sections)",
+            stacklevel=3,
+        )
+    return out
 
 
 def encode_adata(adata: AnnData, registry: Registry, require_counts: bool = False) -> SpotArrays:
@@ -525,8 +579,13 @@ def encode_adata(adata: AnnData, registry: Registry, require_counts: bool = Fals
         raise InputError(
             f"adata has neither counts nor obsm[{registry.histology_key!r}]: nothing to encode"
         )
-    x_h = (H - np.asarray(registry.histology_mean, np.float32)) / np.asarray(registry.histology_std, np.float32)
-    x_h[~has_h] = 0.0
+    sections = None
+    if registry.histology_scaling == "section" and registry.batch_key is not None and registry.batch_key in adata.obs:
+        sections = adata.obs[registry.batch_key].astype(str).to_numpy()
+    x_h = standardize_histology(
+        H, has_h, sections if registry.histology_scaling == "section" else "global",
+        np.asarray(registry.histology_mean, np.float32), np.asarray(registry.histology_std, np.float32),
+    )
 
     labels = np.full((adata.n_obs, len(registry.label_keys)), -1, dtype=np.int64)
     for k, (key, cats) in enumerate(zip(registry.label_keys, registry.label_categories)):

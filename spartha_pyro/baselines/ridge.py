@@ -8,6 +8,7 @@ import numpy as np
 from anndata import AnnData
 
 from .._errors import InputError
+from ..data import standardize_histology
 from ._base import PointPredictor, cv_folds, histology
 
 
@@ -53,6 +54,11 @@ class RidgePredictor(PointPredictor):
         Number of folds (capped at the number of groups).
     seed
         Seed of the ``KFold`` shuffle.
+    section_key
+        ``obs`` column of the section: each section's features are first standardised by
+        that section's own mean and sd (an AnnData to predict without the column is one
+        section), as ``SPARTHA(histology_scaling="section")`` does, so both see the same
+        features. ``None``: raw features.
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class RidgePredictor(PointPredictor):
         group_key: str | None = None,
         n_splits: int = 5,
         seed: int = 0,
+        section_key: str | None = None,
     ):
         self.histology_key = histology_key
         self.alphas = np.asarray(alphas if alphas is not None else np.logspace(-1, 7, 33), dtype=np.float64)
@@ -70,6 +77,18 @@ class RidgePredictor(PointPredictor):
         self.group_key = group_key
         self.n_splits = n_splits
         self.seed = seed
+        self.section_key = section_key
+
+    def _features(self, adata: AnnData, width: int | None = None) -> np.ndarray:
+        """The histology features, standardised per section when ``section_key`` is set."""
+        x = histology(adata, self.histology_key, width)
+        if self.section_key is None:
+            return x
+        if width is None:  # fitting: training statistics for sections too small for their own
+            sd = x.std(0)
+            self.raw_mean_, self.raw_scale_ = x.mean(0), np.where(sd > 1e-6, sd, 1.0)
+        sections = adata.obs[self.section_key].astype(str).to_numpy() if self.section_key in adata.obs else None
+        return standardize_histology(x, np.ones(len(x), bool), sections, self.raw_mean_, self.raw_scale_).astype(np.float64)
 
     def fit(self, adata: AnnData, layer: str | None = None) -> RidgePredictor:
         """Choose the penalty by cross-validation, then fit on all training spots.
@@ -87,7 +106,7 @@ class RidgePredictor(PointPredictor):
         ``coef_`` (float32, ``n_features × n_genes``, on standardised features),
         ``intercept_``, ``x_mean_``, ``x_scale_`` and ``var_names_``.
         """
-        x = histology(adata, self.histology_key)
+        x = self._features(adata)
         y = self._fit_target(adata, layer).astype(np.float64)
         self.x_mean_ = x.mean(0)
         sd = x.std(0)
@@ -113,6 +132,6 @@ class RidgePredictor(PointPredictor):
         """Predicted log1p-normalised expression, float32 ``(adata.n_obs, n_genes)``; needs only
         ``obsm[histology_key]`` of the same width as in training."""
         self._check_fitted()
-        x = histology(adata, self.histology_key, width=self.coef_.shape[0])
+        x = self._features(adata, width=self.coef_.shape[0])
         x = ((x - self.x_mean_) / self.x_scale_).astype(np.float32)
         return x @ self.coef_ + self.intercept_
