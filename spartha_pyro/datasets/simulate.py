@@ -15,7 +15,9 @@ Generative process, per slide ``s`` (a batch) on a square spot grid:
    slide and artifact — a nonlinear, noisy view of the same factors.
 
 The truth is stored in ``obs`` (``cell_type``, ``slide``, ``true_artifact``), so tests can
-check that the latents recover it.
+check that the latents recover it, and ``layers["clean"]`` holds each spot's artifact-free
+expected expression (counts per 10,000 of ``softmax(base + type_effect + slide_effect)``):
+the truth that artifact-free generation (``artifact="pass"``) is scored against.
 """
 from __future__ import annotations
 
@@ -63,8 +65,9 @@ def simulate(
     Returns
     -------
     AnnData with integer CSR counts in ``X`` (spots × genes), ``obs`` columns ``slide``,
-    ``cell_type``, ``true_artifact`` (bool), ``obsm["spatial"]`` (grid coordinates) and
-    ``obsm["histology"]`` (float32, ``n_spots × histology_dim``).
+    ``cell_type``, ``true_artifact`` (bool), ``obsm["spatial"]`` (grid coordinates),
+    ``obsm["histology"]`` (float32, ``n_spots × histology_dim``) and ``layers["clean"]``
+    (float32, artifact-free expected counts per 10,000; dense).
     """
     if n_spots < n_slides or n_genes < n_mt_genes + 2:
         raise ValueError("need at least one spot per slide and more genes than MT genes")
@@ -85,7 +88,7 @@ def simulate(
     slide_shift_h = rng.normal(0.0, 0.7, (n_slides, histology_dim))
     artifact_shift_h = rng.normal(0.0, 1.5, histology_dim)
 
-    obs, coords, counts, hist = [], [], [], []
+    obs, coords, counts, hist, clean = [], [], [], [], []
     for s, n in enumerate(per_slide):
         side = int(np.ceil(np.sqrt(n)))
         grid = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)[:n].astype(float)
@@ -99,7 +102,10 @@ def simulate(
             c, r = rng.uniform(0, side, 2), np.sqrt(artifact_rate / 3 * n / np.pi)
             artifact |= ((grid - c) ** 2).sum(1) < r**2
 
-        logits = base + type_effect[cell_type] + slide_effect[s] + artifact[:, None] * degradation
+        clean_logits = base + type_effect[cell_type] + slide_effect[s]
+        clean_rho = np.exp(clean_logits - clean_logits.max(1, keepdims=True))
+        clean.append((1e4 * clean_rho / clean_rho.sum(1, keepdims=True)).astype(np.float32))
+        logits = clean_logits + artifact[:, None] * degradation
         logits = logits + artifact[:, None] * rng.normal(0.0, 0.5, (n, n_genes))  # degraded = noisier
         rho = np.exp(logits - logits.max(1, keepdims=True))
         rho /= rho.sum(1, keepdims=True)
@@ -127,6 +133,7 @@ def simulate(
         obs_df[col] = obs_df[col].astype("category")
     var = pd.DataFrame(index=[f"MT-{i}" for i in range(n_mt_genes)] + [f"gene{i}" for i in range(n_genes - n_mt_genes)])
     adata = AnnData(X=sp.vstack(counts).tocsr(), obs=obs_df, var=var)
+    adata.layers["clean"] = np.concatenate(clean)
     adata.obsm["spatial"] = np.concatenate(coords)
     adata.obsm["histology"] = np.concatenate(hist)
     adata.uns["simulation"] = {"seed": seed, "artifact_rate": artifact_rate, "depth": depth}
