@@ -54,10 +54,13 @@ def _none_or_str(value: str) -> str | None:
     return None if value.lower() == "none" else value
 
 
-def _validation(values: Sequence[str] | None) -> float | list[str] | None:
-    """``["0.1"]`` -> 0.1 (a random fraction); section names -> the list; nothing -> None."""
-    if not values:
+def _validation(values: Sequence[str] | None) -> float | list[str] | str | None:
+    """``["0.1"]`` -> 0.1 (a random fraction); ``["auto"]`` -> "auto"; ``["none"]`` -> None;
+    section names -> the list."""
+    if not values or [v.lower() for v in values] == ["none"]:
         return None
+    if [v.lower() for v in values] == ["auto"]:
+        return "auto"
     if len(values) == 1:
         try:
             return float(values[0])
@@ -108,7 +111,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise InputError(f"{args.out} already holds a saved model; pass --overwrite to replace it")
     adata = datasets.load(args.input, kind="h5ad", sections=args.sections)
     model = SPARTHA(
-        adata, histology_key=args.histology_key, label_keys=args.label_keys or [], batch_key=args.batch_key,
+        adata, histology_key=args.histology_key, label_keys="auto" if args.label_keys is None else args.label_keys,
+        batch_key=args.batch_key, histology_scaling=args.histology_scaling,
         qc_key=args.qc_key, layer=args.layer, counts_key=args.counts_key,
         gene_mask_key=args.gene_mask_key, artifact_latent=args.artifact_latent,
         likelihood=args.likelihood,
@@ -121,11 +125,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, validation=_validation(args.validation),
         patience=args.patience, device=args.device, seed=args.seed, jit=args.jit, progress=args.progress,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-        precision=args.precision, refit=args.refit,
+        precision=args.precision, refit=args.refit, monitor=args.monitor, min_epochs=args.min_epochs,
     )
     model.save(args.out, overwrite=args.overwrite)
     last = history[-1]
-    print(f"trained {len(history)} epochs (final loss {last['loss']:.4f}); saved to {args.out}")
+    final = [h for h in history if h.get("stage", "refit") == "refit"]
+    print(f"trained {len(final)} epochs (final loss {last['loss']:.4f}); saved to {args.out}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -229,7 +234,9 @@ def _add_train(sub) -> None:
     p.add_argument("--sections", nargs="+", help="train on these obs['slide'] sections only (default all)")
     g = p.add_argument_group("data keys")
     g.add_argument("--histology-key", default="histology", help="obsm key of the histology vectors")
-    g.add_argument("--label-keys", nargs="*", default=[], help="obs columns of biological labels (one Z_y each)")
+    g.add_argument("--label-keys", nargs="*", default=None,
+                   help="obs columns of biological labels (one Z_y each); default: clusters of the training "
+                        "expression (obs['spartha_cluster']); the flag with no column: no label set")
     g.add_argument("--batch-key", type=_none_or_str, default="slide", help="obs column of the batch/slide ('none': one batch)")
     g.add_argument("--qc-key", type=_none_or_str, default="qc_pass", help="obs column of QC pass/fail")
     g.add_argument("--layer", default=None, help="layer with raw counts (default X)")
@@ -250,15 +257,23 @@ def _add_train(sub) -> None:
     g.add_argument("--histology-weight", type=float, default=1.0, help="weight of the histology-only ELBO")
     g.add_argument("--histology-encoder", default="mlp", choices=["mlp", "linear"], help="histology-only encoder")
     g.add_argument("--histology-dropout", type=float, default=0.2, help="input dropout of the histology encoder")
+    g.add_argument("--histology-scaling", default="section", choices=["section", "global"],
+                   help="standardise histology per section (default; removes a slide's stain shift) or globally")
     g = p.add_argument_group("training")
     g.add_argument("--max-epochs", type=int, default=100, help="maximum passes over the spots")
     g.add_argument("--batch-size", type=int, default=256, help="spots per minibatch")
     g.add_argument("--lr", type=float, default=1e-3, help="ClippedAdam learning rate")
-    g.add_argument("--validation", nargs="+",
-                   help="early stopping on a fraction of spots (e.g. 0.1) or on whole sections (e.g. C4)")
+    g.add_argument("--validation", nargs="+", default=["auto"],
+                   help="early stopping on: auto (default: the last training section, or a spatial block of "
+                        "one section), a fraction of spots (e.g. 0.1), whole sections (e.g. C4), or none")
+    g.add_argument("--monitor", default="pcc", choices=["pcc", "elbo"],
+                   help="what early stopping watches: per-gene PCC of the histology-only prediction, or its ELBO")
     g.add_argument("--patience", type=int, default=20, help="epochs without validation improvement before stopping")
-    g.add_argument("--refit", action="store_true",
-                   help="after early stopping on --validation, retrain on every spot for the chosen epoch count")
+    g.add_argument("--min-epochs", type=int, default=None,
+                   help="early stopping never stops before this many epochs (default: half of --max-epochs)")
+    g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="after early stopping, retrain on every spot for the chosen epoch count "
+                        "(default: on with --validation auto)")
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1…")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, minibatches and sampling")
     g.add_argument("--jit", action="store_true", help="JitTrace_ELBO (full minibatches only)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from ._errors import InputError
 from .io.write import atomic_path
 from .data import QC_CODES, Registry, SpotArrays, build_registry, class_counts, encode_adata
 from .module import SparthaModule, batch_args
-from .train import TrainConfig, fit, iterate_minibatches, resolve_device
+from .train import TrainConfig, fit, iterate_minibatches, resolve_device, selection_summary
 
 FORMAT_VERSION = 1
 LATENTS = ("y", "d", "r", "x")
@@ -42,7 +43,11 @@ class SPARTHA:
         ``obsm`` key of the histology representation ``X_h`` (float, spots × features).
     label_keys
         ``obs`` columns of the biological label sets ``L^k`` (categorical; missing = unlabelled).
-        Each gets its own latent ``Z_y^k``. May be empty. The prior of a spot whose ``L^k``
+        Each gets its own latent ``Z_y^k``. ``"auto"`` (default): one label set derived from
+        the training spots' expression by :func:`spartha_pyro.pp.expression_clusters`
+        (written to ``adata.obs["spartha_cluster"]``; what was chosen is in
+        ``self.auto_labels`` and saved with the model; prediction needs no labels); with
+        fewer than 50 spots with counts, no label set. ``[]``: no label set. The prior of a spot whose ``L^k``
         is missing is the mixture of the class priors weighted by the class frequencies
         (not the classifier's posterior).
     batch_key
@@ -78,6 +83,13 @@ class SPARTHA:
         ``"mlp"`` or ``"linear"`` (ridge-like) histology-only encoder.
     histology_dropout
         Input dropout of the histology encoder.
+    histology_scaling
+        ``"section"`` (default): standardise each section's histology vectors by that
+        section's own mean and sd (sections by ``obs[batch_key]``; an AnnData to predict
+        without that column is one section), at training and at prediction, so that a new
+        slide's stain or scanner shift is removed before encoding; ``"global"``: by the
+        training spots' mean and sd. Predict whole sections (at least 20 spots) with
+        ``"section"``.
     seed
         Seed of the initial weights (``train(seed=...)`` seeds minibatches and Monte Carlo
         draws): the same seeds give the same fit.
@@ -95,7 +107,7 @@ class SPARTHA:
         self,
         adata: AnnData,
         histology_key: str = "histology",
-        label_keys: Sequence[str] = (),
+        label_keys: Sequence[str] | str = "auto",
         batch_key: str | None = None,
         qc_key: str | None = "qc_pass",
         layer: str | None = None,
@@ -112,9 +124,11 @@ class SPARTHA:
         histology_weight: float = 1.0,
         histology_encoder: str = "mlp",
         histology_dropout: float = 0.2,
+        histology_scaling: str = "section",
         seed: int = 0,
     ):
-        if isinstance(label_keys, str):
+        auto = isinstance(label_keys, str) and label_keys == "auto"
+        if isinstance(label_keys, str) and not auto:
             label_keys = [label_keys]
         if artifact_latent and qc_key is None:
             raise InputError("artifact_latent=True needs qc_key (run sp.pp.annotate_qc first)")
@@ -123,9 +137,10 @@ class SPARTHA:
                 f"qc_key {qc_key!r} is not a column of adata.obs; run sp.pp.annotate_qc(adata) first"
             )
         self.registry = build_registry(
-            adata, histology_key, list(label_keys), batch_key, qc_key if artifact_latent else None, layer, counts_key,
-            gene_mask_key,
+            adata, histology_key, [] if auto else list(label_keys), batch_key, qc_key if artifact_latent else None,
+            layer, counts_key, gene_mask_key, histology_scaling,
         )
+        self.auto_labels = self._auto_labels(adata, layer, counts_key, seed) if auto else None
         self.init_kwargs = dict(
             artifact_latent=artifact_latent, likelihood=likelihood, y_dim=y_dim, d_dim=d_dim, r_dim=r_dim,
             x_dim=x_dim, hidden=hidden, aux_weights=dict(aux_weights or {}), histology_weight=histology_weight,
@@ -136,10 +151,30 @@ class SPARTHA:
         self._init_seed = seed
         self.module = self._initial_module()
         self.history: list[dict] = []
+        #: what ``train(validation=...)`` chose (epochs, held-out spots, scores); ``None`` before
+        self.selection: dict | None = None
         self.device = torch.device("cpu")
         self.is_trained = False
 
     # ------------------------------------------------------------------ building
+    def _auto_labels(self, adata, layer, counts_key, seed) -> dict | None:
+        """``label_keys="auto"`` on validated data: cluster the spots with counts by expression,
+        add the label set to the registry; returns what was chosen (``None``: too few spots)."""
+        from .pp.clusters import expression_clusters
+
+        spots = adata if counts_key is None else adata[adata.obs[counts_key].astype(bool).to_numpy()].copy()
+        if spots.n_obs < 50:
+            warnings.warn(f"label_keys='auto': only {spots.n_obs} spots with counts, too few to cluster; no label set",
+                          stacklevel=3)
+            return None
+        info = expression_clusters(spots, batch_key=self.registry.batch_key, layer=layer, seed=seed)
+        if spots is not adata:
+            adata.obs[info["key"]] = spots.obs[info["key"]].reindex(adata.obs_names)
+        self.registry.label_keys.append(info["key"])
+        self.registry.label_categories.append(sorted(adata.obs[info["key"]].dropna().astype(str).unique()))
+        return info
+
+
     def _initial_module(self) -> SparthaModule:
         """A freshly initialised module, weights seeded by ``seed`` (the global RNG is left as it was)."""
         with torch.random.fork_rng(devices=[]):
@@ -185,7 +220,7 @@ class SPARTHA:
         max_epochs: int = 100,
         batch_size: int = 256,
         lr: float = 1e-3,
-        validation: float | Sequence[str] | None = None,
+        validation: float | Sequence[str] | str | None = "auto",
         patience: int | None = 20,
         device: str | torch.device | None = "auto",
         seed: int = 0,
@@ -199,7 +234,9 @@ class SPARTHA:
         keep_checkpoints: int = 3,
         resume: bool = False,
         precision: str = "32",
-        refit: bool = False,
+        refit: bool | None = None,
+        monitor: str = "pcc",
+        min_epochs: int | None = None,
     ) -> list[dict]:
         """Fit by minibatch SVI (ClippedAdam) on the training AnnData.
 
@@ -212,9 +249,14 @@ class SPARTHA:
         lr
             ClippedAdam learning rate.
         validation
-            ``None`` (no validation); a fraction of spots held out at random; or a list of
-            batch categories (whole slides) held out — the honest choice on real data. The
-            histology-path loss on these spots drives early stopping.
+            ``"auto"`` (default): the epoch count is chosen on the training data alone —
+            with two or more imaged batches, the last of them (in sorted order) is held out
+            whole; with one, a spatial block of its spots (the 20 % with the largest first
+            ``obsm["spatial"]`` coordinate; a random 20 % without coordinates) — and then the
+            model is refit on every spot for that many epochs (``refit``). ``None``: no
+            validation, ``max_epochs`` epochs. A fraction of spots held out at random, or a
+            list of batch categories (whole slides) held out. ``monitor`` on these spots
+            drives early stopping; nothing outside the training AnnData is ever used.
         patience
             Epochs without validation improvement before stopping (best weights restored).
         device
@@ -254,6 +296,19 @@ class SPARTHA:
             *every* spot (validation spots included) for the number of epochs that early
             stopping chose. On real data this matters: a validation slide held out of the final
             fit is training data lost (see ``benchmarks/README.md``). Not with checkpoints.
+            ``None`` (default): on with ``validation="auto"`` (unless ``checkpoint_dir`` is
+            given), off otherwise.
+        monitor
+            What early stopping watches on the validation spots: ``"pcc"`` (default), the
+            mean per-gene PCC of expression predicted from histology alone (see
+            :func:`spartha_pyro.train.evaluate_pcc`), or ``"elbo"``, the histology path's
+            negative ELBO. The chosen epochs and the validation scores are in
+            ``self.selection`` (saved with the model).
+        min_epochs
+            Early stopping never stops before this many epochs; ``None`` (default): half of
+            ``max_epochs``. On her2st (train C2 C3 C4, validate C5) the held-out per-gene PCC
+            of the histology path dips below zero for the first ~25 epochs and plateaus from
+            ~45 on: a patience of 20 alone would stop in the dip.
 
         Under ``torch.distributed`` (e.g. ``torchrun`` + ``init_process_group``) every rank
         trains on a disjoint shard of the minibatches with averaged gradients; see
@@ -269,6 +324,8 @@ class SPARTHA:
             raise InputError("this model was loaded without its training AnnData; pass adata to SPARTHA.load to train")
         if resume and checkpoint_dir is None:
             raise InputError("resume=True needs checkpoint_dir")
+        if refit is None:
+            refit = isinstance(validation, str) and validation == "auto" and checkpoint_dir is None
         if refit and (validation is None or checkpoint_dir is not None):
             raise InputError("refit=True needs validation (to choose the epoch count) and no checkpoint_dir")
         train_idx, val_idx = self._split(validation, seed)
@@ -281,11 +338,16 @@ class SPARTHA:
             # on a GPU, Pyro's distribution checks are host syncs at every site; inputs were validated
             validate=None if self.device.type == "cpu" else False,
             checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), checkpoint_every=checkpoint_every,
-            keep_checkpoints=keep_checkpoints, resume=resume, precision=precision,
+            keep_checkpoints=keep_checkpoints, resume=resume, precision=precision, monitor=monitor,
+            min_epochs=max_epochs // 2 if min_epochs is None else min_epochs,
         )
         history = fit(self.module, self._data, train_idx, val_idx, config, self.device, jit=jit)
+        if val_idx is not None:
+            self.selection = selection_summary(history, monitor, self._held_out, refit)
+            if progress:
+                print(self.selection["message"])
         if refit:
-            best = int(np.argmin([h["val_loss_histology"] for h in history])) + 1
+            best = self.selection["epochs"]
             self.module = self._initial_module()
             self.module.configure(n_spots=self._data.n, jit=False)
             config.max_epochs, config.patience = best, None
@@ -300,8 +362,13 @@ class SPARTHA:
 
     def _split(self, validation, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
         n = self._data.n
+        self._held_out = None
         if validation is None:
             return np.arange(n), None
+        if isinstance(validation, str):
+            if validation != "auto":
+                raise InputError(f"validation must be 'auto', None, a fraction or a list of batches, got {validation!r}")
+            return self._auto_split(seed)
         if isinstance(validation, float):
             if not 0.0 < validation < 1.0:
                 raise InputError(f"validation fraction must be in (0, 1), got {validation}")
@@ -318,7 +385,31 @@ class SPARTHA:
         is_val = self.adata.obs[key].astype(str).isin(held).to_numpy()
         if is_val.all():
             raise InputError("validation holds out every spot")
+        self._held_out = f"batches {held}"
         return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+    def _auto_split(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """``validation="auto"``: the last imaged batch with counts, or a spatial block of one batch."""
+        data, key = self._data, self.registry.batch_key
+        usable = data.has_counts & data.has_histology
+        if key is not None:
+            batches = self.adata.obs[key].astype(str).to_numpy()
+            imaged = sorted(set(batches[usable]))
+            if len(imaged) >= 2:
+                return self._split([imaged[-1]], seed)
+        n = data.n
+        candidates = np.flatnonzero(usable)
+        n_val = max(1, int(round(0.2 * len(candidates))))
+        if "spatial" in self.adata.obsm:
+            x = np.asarray(self.adata.obsm["spatial"], dtype=float)[candidates, 0]
+            val = np.sort(candidates[np.argsort(x, kind="stable")[-n_val:]])
+            self._held_out = f"the spatial block of {n_val} spots with the largest obsm['spatial'] x"
+        else:
+            val = np.sort(np.random.default_rng(seed).choice(candidates, n_val, replace=False))
+            self._held_out = f"a random {n_val} of the imaged spots"
+        if n_val >= len(candidates):
+            raise InputError("validation='auto' needs at least two imaged spots with counts; pass validation=None")
+        return np.setdiff1d(np.arange(n), val), val
 
     # ------------------------------------------------------------------ inference
     @property
@@ -452,50 +543,114 @@ class SPARTHA:
         ``xarray.DataArray`` with dims ``("sample", "spot", "gene")``, coords from
         ``adata.obs_names`` and the training genes (file-backed when ``out`` is given).
         """
-        if artifact not in ("pass", "posterior"):
-            raise InputError(f"artifact must be 'pass' or 'posterior', got {artifact!r}")
         if value not in ("counts", "mean"):
             raise InputError(f"value must be 'counts' or 'mean', got {value!r}")
         if num_samples < 1:
             raise InputError("num_samples must be positive")
         if out is not None and Path(out).exists() and not overwrite:
             raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
-        key = self.registry.histology_key
-        if key not in adata.obsm:
-            raise InputError(f"prediction needs histology in adata.obsm[{key!r}]")
-        data = encode_adata(AnnData(obs=adata.obs[[]], obsm={key: adata.obsm[key]}), self.registry)
-        if not data.has_histology.all():
-            raise InputError(
-                f"spots without histology (all-NaN rows in obsm[{key!r}]) cannot be predicted from histology"
-            )
-        use_prior_r = artifact == "pass" and "z_r" in self.module.model.dims
-        module = self.module.to(self.device).eval()
-        guide = poutine.block(module.guide_hist, hide=["z_r"]) if use_prior_r else module.guide_hist
+        data = self._encode_histology(adata, artifact)
         site = "x_t" if value == "counts" else "mu"
-        predictive = Predictive(module.model, guide=guide, num_samples=num_samples, return_sites=[site])
-        pyro.set_rng_seed(seed)
-        n_genes = len(self.registry.genes)
         name = "expression" if value == "counts" else "expected_expression"
         dtype = np.int32 if value == "counts" else np.float32
         coords = {"sample": np.arange(num_samples), "spot": np.asarray(adata.obs_names), "gene": self.registry.genes}
         attrs = {"artifact": artifact, "value": value, "seed": seed, "model": repr(self)}
 
         def fill(sink) -> None:
-            for b in iterate_minibatches(data.n, batch_size, None, False):
-                batch = data.minibatch(b, self.device, n_genes)
-                batch["qc"] = torch.full_like(batch["qc"], QC_CODES["pass"])
-                batch["x_t"] = None
-                batch["index"] = torch.arange(len(b), device=self.device)
-                samples = predictive(*batch_args(batch))[site]
-                sink[:, b[0] : b[-1] + 1] = samples.reshape(num_samples, len(b), n_genes).cpu().numpy().astype(dtype)
+            for b, samples in self._draws(data, num_samples, artifact, site, batch_size, seed, num_samples):
+                sink[:, b[0] : b[-1] + 1] = samples.cpu().numpy().astype(dtype)
 
         if out is not None:
             with atomic_path(out) as tmp, _netcdf_variable(tmp, name, dtype, coords, attrs) as sink:
                 fill(sink)
             return xr.open_dataarray(out)
-        sink = np.empty((num_samples, data.n, n_genes), dtype=dtype)
+        sink = np.empty((num_samples, data.n, len(self.registry.genes)), dtype=dtype)
         fill(sink)
         return xr.DataArray(sink, dims=("sample", "spot", "gene"), coords=coords, name=name, attrs=attrs)
+
+    def _encode_histology(self, adata: AnnData, artifact: str) -> SpotArrays:
+        """Arrays of spots to predict from histology alone (checked: every spot has histology)."""
+        if artifact not in ("pass", "posterior"):
+            raise InputError(f"artifact must be 'pass' or 'posterior', got {artifact!r}")
+        key = self.registry.histology_key
+        if key not in adata.obsm:
+            raise InputError(f"prediction needs histology in adata.obsm[{key!r}]")
+        obs = adata.obs[[self.registry.batch_key]] if self.registry.batch_key in adata.obs else adata.obs[[]]
+        data = encode_adata(AnnData(obs=obs, obsm={key: adata.obsm[key]}), self.registry)
+        if not data.has_histology.all():
+            raise InputError(
+                f"spots without histology (all-NaN rows in obsm[{key!r}]) cannot be predicted from histology"
+            )
+        return data
+
+    def _draws(self, data: SpotArrays, num_samples: int, artifact: str, site: str, batch_size: int, seed: int,
+               chunk: int):
+        """Yield ``(spot indices b, draws (s, len(b), G))`` of ``site`` from ``q(Z | X_h)``, ``chunk``
+        draws at a time (see :meth:`predict_expression` for ``artifact``)."""
+        use_prior_r = artifact == "pass" and "z_r" in self.module.model.dims
+        module = self.module.to(self.device).eval()
+        guide = poutine.block(module.guide_hist, hide=["z_r"]) if use_prior_r else module.guide_hist
+        pyro.set_rng_seed(seed)
+        n_genes = len(self.registry.genes)
+        for b in iterate_minibatches(data.n, batch_size, None, False):
+            batch = data.minibatch(b, self.device, n_genes)
+            batch["qc"] = torch.full_like(batch["qc"], QC_CODES["pass"])
+            batch["x_t"] = None
+            batch["index"] = torch.arange(len(b), device=self.device)
+            for start in range(0, num_samples, chunk):
+                s = min(chunk, num_samples - start)
+                predictive = Predictive(module.model, guide=guide, num_samples=s, return_sites=[site])
+                yield b, predictive(*batch_args(batch))[site].reshape(s, len(b), n_genes)
+
+    @torch.no_grad()
+    def predict_mean(
+        self,
+        adata: AnnData,
+        num_samples: int = 100,
+        artifact: str = "posterior",
+        batch_size: int = 256,
+        seed: int = 0,
+        chunk: int = 25,
+    ) -> xr.DataArray:
+        """Point prediction from histology alone: the posterior-predictive mean of
+        ``log1p(counts per 10,000)``, the space the field's metrics score.
+
+        The mean over ``num_samples`` posterior predictive draws of the normalised counts
+        (see :meth:`predict_expression`), accumulated ``chunk`` draws at a time, so memory is
+        ``chunk × batch_size × genes`` whatever the number of draws. Not the log of the
+        predicted mean: for sparse genes the two differ, and only this one is what a
+        measured spot's log-normalised value is expected to be.
+
+        Parameters
+        ----------
+        adata
+            Spots with ``obsm[histology_key]`` (whole sections when the model scales
+            histology per section).
+        num_samples
+            Draws averaged (Monte Carlo error falls as ``1/sqrt(num_samples)``).
+        artifact
+            ``"posterior"`` (default): the artifact latent from ``q(Z_r | X_h)``, the
+            prediction of a *measured* spot, artifacts included; score it against measured
+            counts. ``"pass"``: artifact-free expression, to be scored against clean truth.
+        batch_size, seed, chunk
+            Spots per minibatch, seed of the draws, draws per chunk.
+
+        Returns
+        -------
+        ``xarray.DataArray`` ``(spot, gene)`` float32.
+        """
+        if num_samples < 1 or chunk < 1:
+            raise InputError("num_samples and chunk must be positive")
+        data = self._encode_histology(adata, artifact)
+        out = np.zeros((data.n, len(self.registry.genes)), np.float32)
+        for b, draws in self._draws(data, num_samples, artifact, "x_t", batch_size, seed, chunk):
+            draws = draws.float()
+            norm = torch.log1p(1e4 * draws / draws.sum(-1, keepdim=True).clamp(min=1.0))
+            out[b[0] : b[-1] + 1] += norm.sum(0).cpu().numpy() / num_samples
+        return xr.DataArray(
+            out, dims=("spot", "gene"), coords={"spot": np.asarray(adata.obs_names), "gene": self.registry.genes},
+            name="log1p_normalised", attrs={"artifact": artifact, "num_samples": num_samples, "seed": seed},
+        )
 
     def export_posterior(
         self,
@@ -589,6 +744,8 @@ class SPARTHA:
             "seed": self._init_seed,
             "is_trained": self.is_trained,
             "history": self.history,
+            "selection": self.selection,
+            "auto_labels": self.auto_labels,
         }
         with atomic_path(path / "model.pt") as tmp:
             torch.save(self.module.state_dict(), tmp)
@@ -648,6 +805,8 @@ class SPARTHA:
         self._data = encode_adata(adata, self.registry, require_counts=True) if adata is not None else None
         self.module.eval()
         self.history = settings.get("history", [])
+        self.selection = settings.get("selection")
+        self.auto_labels = settings.get("auto_labels")
         self.is_trained = settings.get("is_trained", True)
         self.device = resolve_device(device)
         return self

@@ -42,7 +42,10 @@ class TrainConfig:
     and faster on a GPU. ``checkpoint_dir``: write a checkpoint there every
     ``checkpoint_every`` epochs, keeping the last ``keep_checkpoints``; with ``resume``,
     continue from the latest complete one (see :mod:`spartha_pyro.checkpoint`).
-    ``precision``: ``"32"`` or ``"bf16"`` (see :data:`PRECISIONS`).
+    ``precision``: ``"32"`` or ``"bf16"`` (see :data:`PRECISIONS`). ``monitor``: see
+    :data:`MONITORS`. ``min_epochs``: early stopping never stops before this many epochs (the
+    histology path's held-out PCC can dip below zero for the first tens of epochs before it
+    rises; see :meth:`spartha_pyro.SPARTHA.train`).
     """
 
     max_epochs: int = 100
@@ -63,7 +66,14 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: bool = False
     precision: str = "32"
+    monitor: str = "pcc"
+    min_epochs: int = 0
 
+
+#: what early stopping watches on the validation spots: ``"pcc"`` the mean per-gene PCC of
+#: expression predicted from histology alone (:func:`evaluate_pcc`, maximised), ``"elbo"``
+#: the histology path's negative ELBO (minimised)
+MONITORS = ("pcc", "elbo")
 
 #: ``"bf16"``: the loss runs under ``torch.autocast(dtype=torch.bfloat16)``, so the matrix
 #: products of the encoders and the decoder (the gene-logit layer dominates at 36k genes)
@@ -75,7 +85,7 @@ class TrainConfig:
 PRECISIONS = ("32", "bf16")
 
 #: settings that may differ between a checkpointed run and its resumption
-_RESUMABLE = ("max_epochs", "progress", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume")
+_RESUMABLE = ("max_epochs", "min_epochs", "progress", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -132,6 +142,35 @@ def evaluate_loss(module: SparthaModule, data: SpotArrays, idx: np.ndarray, batc
         total += float(module.loss(batch)[1]) * len(b)
     module.train()
     return total / max(len(idx), 1)
+
+
+@torch.no_grad()
+def evaluate_pcc(module: SparthaModule, data: SpotArrays, idx: np.ndarray, batch_size: int, device) -> float:
+    """Mean per-gene PCC, over spots ``idx``, between log1p(counts per 10,000) and the
+    histology-only prediction ``log1p(10,000 rho(E_q[Z | X_h]))`` (eval mode, no dropout).
+
+    Spots without counts or histology are skipped; genes constant in either are left out.
+    This is the held-out metric itself, so early stopping chooses the epoch at which the
+    prediction path, not the ELBO, is best.
+    """
+    module.eval()
+    pred, obs = [], []
+    keep = idx[data.has_counts[idx] & data.has_histology[idx]]
+    for b in iterate_minibatches(len(keep), batch_size, None, False):
+        batch = data.minibatch(keep[b], device, module.model.n_genes)
+        params = module.guide_hist.encode(batch["x_t"], batch["x_h"], batch["has_counts"], batch["has_histology"])
+        rho = module.model.decode(torch.cat([params[s][0] for s in module.model.dims], -1))[0]
+        x = batch["x_t"]
+        pred.append(torch.log1p(1e4 * rho).double())
+        obs.append(torch.log1p(1e4 * x / x.sum(-1, keepdim=True).clamp(min=1.0)).double())
+    module.train()
+    if not pred:
+        return float("nan")
+    p, o = torch.cat(pred), torch.cat(obs)
+    p, o = p - p.mean(0), o - o.mean(0)
+    denom = (p.square().sum(0) * o.square().sum(0)).sqrt()
+    ok = denom > 1e-12
+    return float(((p * o).sum(0)[ok] / denom[ok]).mean()) if ok.any() else float("nan")
 
 
 @torch.no_grad()
@@ -210,6 +249,8 @@ def _fit(
     """
     if config.precision not in PRECISIONS:  # before the data go to the device
         raise InputError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
+    if config.monitor not in MONITORS:
+        raise InputError(f"monitor must be one of {MONITORS}, got {config.monitor!r}")
     rank, n_ranks = distributed.world()
     if config.checkpoint_dir is not None and n_ranks > 1:
         raise InputError("checkpoints are written by single-process training only")
@@ -274,15 +315,19 @@ def _fit(
         if val_idx is not None and len(val_idx):
             val = evaluate_loss(module, data, val_idx, config.batch_size, device)
             record["val_loss_histology"] = float(distributed.allreduce_mean(torch.tensor(val, device=device)))
+            if config.monitor == "pcc":
+                pcc = evaluate_pcc(module, data, val_idx, config.batch_size, device)
+                record["val_pcc_gene"] = float(distributed.allreduce_mean(torch.tensor(pcc, device=device)))
         history.append(record)
         bar.set_postfix({k: round(v, 3) for k, v in record.items() if k != "epoch"}, refresh=False)
         if val_idx is not None and len(val_idx) and config.patience is not None:
-            if record["val_loss_histology"] < best - 1e-4 * abs(best if math.isfinite(best) else 1.0):
-                best, stale = record["val_loss_histology"], 0
+            watched = monitored(record, config.monitor)
+            if watched < best - 1e-4 * abs(best if math.isfinite(best) else 1.0):
+                best, stale = watched, 0
                 best_state = copy.deepcopy(module.state_dict())
             else:
                 stale += 1
-                if stale >= config.patience:
+                if stale >= config.patience and epoch + 1 >= config.min_epochs:
                     break
         if config.checkpoint_dir is not None and (epoch + 1) % config.checkpoint_every == 0:
             state = {
@@ -297,6 +342,37 @@ def _fit(
         module.load_state_dict(best_state)
     module.eval()
     return history
+
+
+def monitored(record: dict, monitor: str) -> float:
+    """The validation quantity early stopping minimises in one history ``record`` (NaN PCC: +inf)."""
+    if monitor == "pcc":
+        pcc = record["val_pcc_gene"]
+        return -pcc if math.isfinite(pcc) else math.inf
+    return record["val_loss_histology"]
+
+
+def selection_summary(history: list[dict], monitor: str, held_out: str | None, refit: bool) -> dict:
+    """What early stopping chose from a validated ``history``: the epoch count and its scores.
+
+    Returns ``{"epochs", "monitor", "held_out", "refit", "val_pcc_gene", "val_loss_histology",
+    "message"}`` (JSON-serialisable; ``val_pcc_gene`` is ``None`` when it was not monitored).
+    """
+    best = min(range(len(history)), key=lambda i: monitored(history[i], monitor))
+    rec = history[best]
+    pcc = rec.get("val_pcc_gene")
+    score = f"validation per-gene PCC {pcc:.3f}" if pcc is not None else f"validation loss {rec['val_loss_histology']:.4g}"
+    then = f"; refit on every spot for {best + 1} epochs" if refit else "; best weights kept"
+    return {
+        "epochs": best + 1,
+        "monitor": monitor,
+        "held_out": held_out,
+        "refit": bool(refit),
+        "val_pcc_gene": pcc,
+        "val_loss_histology": rec["val_loss_histology"],
+        "message": f"early stopping on {held_out or 'the validation spots'} chose {best + 1} of "
+        f"{len(history)} epochs ({score}){then}",
+    }
 
 
 def _check_split(state: dict, train_idx: np.ndarray, val_idx: np.ndarray | None) -> None:

@@ -219,7 +219,7 @@ def test_spartha_calibrated_on_held_out_spots(sim):
     """
     held = np.random.default_rng(1).random(sim.n_obs) < 0.25
     model = sp.SPARTHA(sim[~held].copy(), label_keys=["cell_type"], batch_key="slide", seed=0, **SMALL)
-    model.train(max_epochs=120, batch_size=50, lr=3e-3, progress=False, seed=0)
+    model.train(max_epochs=120, batch_size=50, lr=3e-3, progress=False, seed=0, validation=None)
     test = sim[held]
     histology = ad.AnnData(obs=test.obs[[]].copy(), obsm={"histology": np.asarray(test.obsm["histology"])})
     draws = model.predict_expression(histology, num_samples=200, artifact="posterior", seed=0)

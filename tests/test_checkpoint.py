@@ -86,40 +86,40 @@ def _model(adata):
 
 def test_keep_last_k_and_resume_rules(small, tmp_path):
     model = _model(small)
-    model.train(max_epochs=5, batch_size=64, progress=False, checkpoint_dir=tmp_path, checkpoint_every=2, keep_checkpoints=1)
+    model.train(max_epochs=5, batch_size=64, progress=False, checkpoint_dir=tmp_path, checkpoint_every=2, keep_checkpoints=1, validation=None)
     assert [p.name for p in checkpoint_files(tmp_path)] == ["ckpt-000003.pt"]
     (tmp_path / ".ckpt-000004.pt.x1y2.pt").write_bytes(b"half a checkpoint")  # a write killed mid-way
-    model.train(max_epochs=6, batch_size=64, progress=False, checkpoint_dir=tmp_path, keep_checkpoints=2, resume=True)
+    model.train(max_epochs=6, batch_size=64, progress=False, checkpoint_dir=tmp_path, keep_checkpoints=2, resume=True, validation=None)
     assert [p.name for p in checkpoint_files(tmp_path)] == ["ckpt-000005.pt", "ckpt-000004.pt"]
     assert not list(tmp_path.glob(".ckpt-*"))
     with pytest.raises(InputError, match="earlier run"):
-        _model(small).train(max_epochs=2, progress=False, checkpoint_dir=tmp_path)
+        _model(small).train(max_epochs=2, progress=False, checkpoint_dir=tmp_path, validation=None)
     with pytest.raises(InputError, match="other settings: batch_size"):
-        _model(small).train(max_epochs=8, batch_size=32, progress=False, checkpoint_dir=tmp_path, resume=True)
+        _model(small).train(max_epochs=8, batch_size=32, progress=False, checkpoint_dir=tmp_path, resume=True, validation=None)
     with pytest.raises(InputError, match="other training spots"):
         _model(small).train(max_epochs=8, batch_size=64, progress=False, checkpoint_dir=tmp_path, resume=True, validation=0.2)
     with pytest.raises(InputError, match="needs checkpoint_dir"):
-        _model(small).train(max_epochs=2, progress=False, resume=True)
+        _model(small).train(max_epochs=2, progress=False, resume=True, validation=None)
     with pytest.raises(InputError, match="does not fit this model"):
         sp.SPARTHA(small, hidden=12, y_dim=2, d_dim=2, r_dim=2, x_dim=2).train(
-            max_epochs=8, batch_size=64, progress=False, checkpoint_dir=tmp_path, resume=True
+            max_epochs=8, batch_size=64, progress=False, checkpoint_dir=tmp_path, resume=True, validation=None
         )
     # resuming into an empty folder starts afresh
-    assert len(_model(small).train(max_epochs=1, progress=False, checkpoint_dir=tmp_path / "new", resume=True)) == 1
+    assert len(_model(small).train(max_epochs=1, progress=False, checkpoint_dir=tmp_path / "new", resume=True, validation=None)) == 1
 
 
 def test_truncated_files_are_named(small, tmp_path):
     model = _model(small)
-    model.train(max_epochs=2, batch_size=64, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    model.train(max_epochs=2, batch_size=64, progress=False, checkpoint_dir=tmp_path / "ckpt", validation=None)
     newest, older = checkpoint_files(tmp_path / "ckpt")
     newest.write_bytes(newest.read_bytes()[:100])
     with pytest.warns(UserWarning, match=newest.name):  # the latest complete one is used
-        history = _model(small).train(max_epochs=2, batch_size=64, progress=False, checkpoint_dir=tmp_path / "ckpt", resume=True)
+        history = _model(small).train(max_epochs=2, batch_size=64, progress=False, checkpoint_dir=tmp_path / "ckpt", resume=True, validation=None)
     assert len(history) == 2
     for path in checkpoint_files(tmp_path / "ckpt"):
         path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(InputError, match="ckpt-000001.pt.*ckpt-000000.pt"), pytest.warns(UserWarning):
-        _model(small).train(max_epochs=3, batch_size=64, progress=False, checkpoint_dir=tmp_path / "ckpt", resume=True)
+        _model(small).train(max_epochs=3, batch_size=64, progress=False, checkpoint_dir=tmp_path / "ckpt", resume=True, validation=None)
 
     model.save(tmp_path / "model")
     weights = tmp_path / "model" / "model.pt"
@@ -153,7 +153,7 @@ def _edit_settings(path, **changes):
 @pytest.fixture(scope="module")
 def saved(small, tmp_path_factory):
     model = _model(small)
-    model.train(max_epochs=1, batch_size=64, progress=False)
+    model.train(max_epochs=1, batch_size=64, progress=False, validation=None)
     folder = tmp_path_factory.mktemp("saved")
     model.save(folder / "model")
     sp.SPARTHA(small, hidden=12, y_dim=2, d_dim=2, r_dim=2, x_dim=2).save(folder / "other")

@@ -116,7 +116,7 @@ def test_other_failure_exits_1(monkeypatch, capsys):
         raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(demo, "report", boom)
-    assert main(["demo", "--epochs", "1"]) == 1
+    assert main(["demo", "--max-epochs", "1"]) == 1
     assert "simulated crash" in capsys.readouterr().err
 
 

@@ -85,7 +85,7 @@ def _finite(values) -> None:
 def test_training_works_or_raises_input_error(adata, labels):
     try:
         model = sp.SPARTHA(adata, label_keys=["cell_type"] if labels else [], batch_key="slide", **TINY)
-        model.train(max_epochs=1, batch_size=64, progress=False)
+        model.train(max_epochs=1, batch_size=64, progress=False, validation=None)
         _finite(model.get_latent(latent="x"))
         _finite(model.predict_expression(adata, num_samples=2, value="mean").values)
     except InputError:
@@ -97,7 +97,7 @@ def trained_small():
     adata = sp.datasets.simulate(n_spots=80, n_genes=20, histology_dim=3, seed=0)
     sp.pp.annotate_qc(adata, batch_key="slide")
     model = sp.SPARTHA(adata, batch_key="slide", **TINY)
-    model.train(max_epochs=1, batch_size=64, progress=False)
+    model.train(max_epochs=1, batch_size=64, progress=False, validation=None)
     return model
 
 

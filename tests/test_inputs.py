@@ -54,7 +54,7 @@ def test_all_nan_row_means_missing_histology(sim):
     adata.obsm["histology"][:50] = np.nan
     model = sp.SPARTHA(adata, **KW)
     assert not model._data.has_histology[:50].any() and model._data.has_histology[50:].all()
-    assert np.isfinite(model.train(max_epochs=1, batch_size=300, progress=False)[-1]["loss"])
+    assert np.isfinite(model.train(max_epochs=1, batch_size=300, progress=False, validation=None)[-1]["loss"])
 
 
 def test_duplicate_obs_names(sim):

@@ -118,7 +118,7 @@ def test_spatialdiva_ablation(sim):
     model = sp.SPARTHA(sim, label_keys=["cell_type"], batch_key="slide", artifact_latent=False, **SMALL)
     assert "z_r" not in model.module.model.dims
     assert "z_r" not in model.module.classifiers.heads
-    model.train(max_epochs=2, batch_size=200, progress=False)
+    model.train(max_epochs=2, batch_size=200, progress=False, validation=None)
     with pytest.raises(sp.InputError, match="z_r"):
         model.get_latent(latent="r")
     pred = model.predict_expression(histology_only(sim, 10), num_samples=2)
@@ -131,7 +131,7 @@ def test_unseen_batch_and_zero_count_spots(sim):
     X[:5] = 0  # empty spots are kept and modelled
     adata.X = X.tocsr()
     model = sp.SPARTHA(adata, label_keys=["cell_type"], batch_key="slide", likelihood="zinb", **SMALL)
-    hist = model.train(max_epochs=2, batch_size=200, progress=False)
+    hist = model.train(max_epochs=2, batch_size=200, progress=False, validation=None)
     assert np.isfinite([r["loss"] for r in hist]).all()
     new = adata[:10].copy()
     new.obs["slide"] = "a_new_slide"
@@ -154,9 +154,9 @@ def test_unlabelled_spots_and_no_labels(sim):
     adata.obs["cell_type"] = adata.obs["cell_type"].astype(object)
     adata.obs.loc[adata.obs_names[::2], "cell_type"] = np.nan
     model = sp.SPARTHA(adata, label_keys=["cell_type"], batch_key="slide", **SMALL)
-    assert np.isfinite(model.train(max_epochs=1, batch_size=200, progress=False)[-1]["loss"])
-    no_labels = sp.SPARTHA(sim, batch_key="slide", **SMALL)
-    no_labels.train(max_epochs=1, batch_size=300, progress=False)
+    assert np.isfinite(model.train(max_epochs=1, batch_size=200, progress=False, validation=None)[-1]["loss"])
+    no_labels = sp.SPARTHA(sim, label_keys=[], batch_key="slide", **SMALL)
+    no_labels.train(max_epochs=1, batch_size=300, progress=False, validation=None)
     assert no_labels.get_latent(latent="x").shape == (sim.n_obs, SMALL["x_dim"])
 
 
@@ -164,9 +164,9 @@ def test_jit_matches_trace_elbo(sim):
     """JitTrace_ELBO computes the same loss and trains."""
     model = sp.SPARTHA(sim, label_keys=["cell_type"], batch_key="slide", **SMALL)
     state = {k: v.clone() for k, v in model.module.state_dict().items()}
-    a = [r["loss"] for r in model.train(max_epochs=2, batch_size=100, progress=False, seed=0)]
+    a = [r["loss"] for r in model.train(max_epochs=2, batch_size=100, progress=False, seed=0, validation=None)]
     model.module.load_state_dict(state)
-    b = [r["loss"] for r in model.train(max_epochs=2, batch_size=100, progress=False, seed=0, jit=True)[2:]]
+    b = [r["loss"] for r in model.train(max_epochs=2, batch_size=100, progress=False, seed=0, jit=True, validation=None)[2:]]
     # same data order and seed; the Monte Carlo draws differ, so agreement is to ~1%
     np.testing.assert_allclose(a, b, rtol=1e-2)
     assert b[1] < b[0]
@@ -177,7 +177,7 @@ def test_nan_during_training_names_the_term(sim):
     with torch.no_grad():
         model.module.model.log_theta.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="x_t"):
-        model.train(max_epochs=1, progress=False)
+        model.train(max_epochs=1, progress=False, validation=None)
 
 
 def test_seed_fixes_initial_weights(sim):
@@ -193,11 +193,11 @@ def test_bf16_autocast_trains_like_float32(sim):
     losses = {}
     for precision in ("32", "bf16"):
         model = sp.SPARTHA(sim, label_keys=["cell_type"], batch_key="slide", seed=0, **SMALL)
-        losses[precision] = [r["loss"] for r in model.train(max_epochs=3, batch_size=200, progress=False, seed=0, precision=precision)]
+        losses[precision] = [r["loss"] for r in model.train(max_epochs=3, batch_size=200, progress=False, seed=0, precision=precision, validation=None)]
     assert np.isfinite(losses["bf16"]).all() and losses["bf16"][-1] < losses["bf16"][0]
     np.testing.assert_allclose(losses["bf16"], losses["32"], rtol=1e-3)  # measured: 2e-5
     with pytest.raises(sp.InputError, match="precision"):
-        model.train(max_epochs=1, progress=False, precision="fp8")
+        model.train(max_epochs=1, progress=False, precision="fp8", validation=None)
 
 
 def test_refit_after_early_stopping_uses_every_spot(sim):
@@ -208,7 +208,7 @@ def test_refit_after_early_stopping_uses_every_spot(sim):
     assert stages.count("refit") == best and stages[-1] == "refit"
     assert model.module.model.n_spots == sim.n_obs  # the validation slide is trained on
     with pytest.raises(sp.InputError, match="refit=True needs validation"):
-        model.train(max_epochs=1, progress=False, refit=True)
+        model.train(max_epochs=1, progress=False, refit=True, validation=None)
 
 
 def test_gene_negative_binomial_is_the_nb_density_and_survives_plates(trained, sim):

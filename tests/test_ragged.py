@@ -46,7 +46,7 @@ def ragged_fit(sim):
     models = {}
     for name, data in (("all", pool), ("imaged", imaged)):
         models[name] = sp.SPARTHA(data, **kw)
-        models[name].train(max_epochs=40, batch_size=100, lr=3e-3, progress=False, seed=0)
+        models[name].train(max_epochs=40, batch_size=100, lr=3e-3, progress=False, seed=0, validation=None)
     return adata, pool, sim[test].copy(), models
 
 
@@ -95,7 +95,7 @@ def test_counts_key_masks_unmeasured_counts(sim):
     losses = []
     for data in (a, b):
         model = sp.SPARTHA(data, label_keys=["cell_type"], batch_key="slide", counts_key="has_counts", seed=0, **SMALL)
-        losses.append([r["loss"] for r in model.train(max_epochs=2, batch_size=200, progress=False, seed=0)])
+        losses.append([r["loss"] for r in model.train(max_epochs=2, batch_size=200, progress=False, seed=0, validation=None)])
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
     assert np.isfinite(losses[0]).all()
 
@@ -140,7 +140,7 @@ def test_combine_sections_builds_one_training_anndata(sim):
     assert combined.obs.loc[~combined.obs["has_counts"], "qc_pass"].isna().all()  # no counts, no QC call
     assert combined.obs.loc[combined.obs["has_counts"], "qc_pass"].notna().all()
     model = sp.SPARTHA(combined, label_keys=["cell_type"], batch_key="section", counts_key="has_counts", **SMALL)
-    assert np.isfinite(model.train(max_epochs=2, batch_size=200, progress=False)[-1]["loss"])
+    assert np.isfinite(model.train(max_epochs=2, batch_size=200, progress=False, validation=None)[-1]["loss"])
 
 
 def test_combine_sections_errors_name_key_and_section(sim):
@@ -243,7 +243,7 @@ def test_gene_mask_keeps_dropped_genes_in_predictions(sim, tmp_path):
     share = {}
     for key in ("measured", None):
         model = sp.SPARTHA(combined, label_keys=["cell_type"], batch_key="slide", gene_mask_key=key, **SMALL)
-        model.train(max_epochs=30, batch_size=100, lr=3e-3, progress=False, seed=0)
+        model.train(max_epochs=30, batch_size=100, lr=3e-3, progress=False, seed=0, validation=None)
         pred = model.predict_expression(histology_only(truth), num_samples=4, value="mean", seed=0).mean("sample")
         share[key] = float(pred.sel(gene=list(dropped)).sum() / pred.sum())
         if key == "measured":

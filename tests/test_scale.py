@@ -92,21 +92,21 @@ def test_backed_anndata_trains_from_disk(tmp_path):
     assert isinstance(model._data.counts, BackedCounts)
     assert isinstance(make_loader(model._data, torch.device("cpu"), 40), HostLoader)
     np.testing.assert_array_equal(model._data.counts[np.array([1, 7])].toarray(), adata.X[[1, 7]].toarray())
-    hist = model.train(max_epochs=2, batch_size=80, progress=False)
+    hist = model.train(max_epochs=2, batch_size=80, progress=False, validation=None)
     assert np.isfinite([r["loss"] for r in hist]).all()
     # same numbers as the in-memory model on the same seed
     memory = build(adata)
     model2 = build(backed)
     model2.module.load_state_dict(memory.module.state_dict())
-    a = memory.train(max_epochs=1, batch_size=80, progress=False, loader="device")
-    b = model2.train(max_epochs=1, batch_size=80, progress=False)
+    a = memory.train(max_epochs=1, batch_size=80, progress=False, loader="device", validation=None)
+    b = model2.train(max_epochs=1, batch_size=80, progress=False, validation=None)
     assert a[-1]["loss"] == pytest.approx(b[-1]["loss"], rel=1e-5)
 
 
 def test_streamed_prediction_equals_in_memory(tmp_path):
     adata = tiny()
     model = build(adata)
-    model.train(max_epochs=1, batch_size=80, progress=False)
+    model.train(max_epochs=1, batch_size=80, progress=False, validation=None)
     new = ad.AnnData(obs=adata.obs[[]].iloc[:70].copy(), obsm={"histology": adata.obsm["histology"][:70]})
     for value in ("counts", "mean"):
         mem = model.predict_expression(new, num_samples=3, seed=2, batch_size=32, value=value)
@@ -136,7 +136,7 @@ def _ddp_worker(rank, world, init_file, adata, state, shards, result_file):
         distributed.allreduce_gradients(module)
         grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
         model.module.load_state_dict(state)
-        model.train(max_epochs=1, batch_size=40, progress=False, seed=0)
+        model.train(max_epochs=1, batch_size=40, progress=False, seed=0, validation=None)
         params = {n: p.detach().clone() for n, p in model.module.named_parameters()}
         torch.save({"grads": grads, "params": params, "history": model.history}, f"{result_file}.{rank}")
     finally:
@@ -219,7 +219,7 @@ def test_cuda_matches_cpu():
 def test_cuda_training_and_prediction(jit):
     adata = tiny()
     model = build(adata)
-    hist = model.train(max_epochs=3, batch_size=60, progress=False, device="cuda", jit=jit)
+    hist = model.train(max_epochs=3, batch_size=60, progress=False, device="cuda", jit=jit, validation=None)
     assert model.device.type == "cuda" and np.isfinite([r["loss"] for r in hist]).all()
     pred = model.predict_expression(adata[:50], num_samples=2)
     assert pred.shape == (2, 50, 40)
