@@ -97,9 +97,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-sections", nargs="+", default=["B4", "C2", "C3", "C4"])
     p.add_argument("--test-sections", nargs="+", default=["C5"])
     p.add_argument(
-        "--validation", default="none",
-        help="early-stopping section ('last' = the last training section); 'none' (default): train --epochs on all "
-        "training sections, the epoch count early stopping chose on the development split (see README)",
+        "--validation", default="auto",
+        help="'auto' (default): the library's default, SPARTHA.train(validation='auto'): the epoch count is chosen "
+        "by early stopping on the last training section, then the model is refit on every training section; "
+        "'none': train --epochs on all training sections; a section name or 'last': early-stop on it (--refit)",
+    )
+    p.add_argument(
+        "--label-keys", nargs="*", default=["cluster"],
+        help="label sets of spartha/spatialdiva: obs columns, 'auto' (clusters of the training expression, the "
+        "library's default), or nothing (no label set)",
     )
     p.add_argument("--loso", action="store_true", help="hold out each section in turn (train on the others)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -114,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-genes", choices=["panels", "all"], default="panels", help="genes the generative models are trained on")
     p.add_argument("--n-hvg", type=int, default=2500)
     p.add_argument("--n-top-mean", type=int, default=250)
-    p.add_argument("--epochs", type=int, default=60, help="(max) epochs of SPARTHA/SpatialDIVA")
+    p.add_argument("--epochs", type=int, default=100, help="(max) epochs of SPARTHA/SpatialDIVA (library default 100)")
     p.add_argument("--patience", type=int, default=20)
     p.add_argument("--refit", action="store_true", help="retrain on all training sections for the early-stopped epoch count")
     p.add_argument("--histogene-epochs", type=int, default=50)
@@ -228,15 +234,18 @@ def modelled_genes(adata: AnnData, panels: dict, train_genes: str) -> AnnData:
 
 
 # ---------------------------------------------------------------------------- methods
-def train_spartha(method: str, train: AnnData, args, seed: int, validation: str | None, label_keys=("cluster",), epochs=None) -> sp.SPARTHA:
-    """SPARTHA (``artifact_latent`` unless ``"spatialdiva"``) early-stopped on the
-    ``validation`` section; with ``--refit`` retrained on every training section for the
-    chosen number of epochs. ``validation=None`` trains on every training section for
-    ``epochs`` (default ``--epochs``) epochs."""
+def train_spartha(method: str, train: AnnData, args, seed: int, validation: str | None, label_keys=None, epochs=None) -> sp.SPARTHA:
+    """SPARTHA (``artifact_latent`` unless ``"spatialdiva"``) with ``label_keys`` (default
+    ``--label-keys``). ``validation="auto"``: the library's default (early stopping on the
+    last training section, then a refit on all of them); a section: early-stopped on it, with
+    ``--refit`` retrained on every training section for the chosen number of epochs;
+    ``None``: trained on every training section for ``epochs`` (default ``--epochs``) epochs."""
+    if label_keys is None:
+        label_keys = "auto" if args.label_keys == ["auto"] else list(args.label_keys)
 
     def fit(validation_sections, epochs):
         model = sp.SPARTHA(
-            train, histology_key="histology", label_keys=list(label_keys), batch_key="slide",
+            train, histology_key="histology", label_keys=label_keys, batch_key="slide",
             qc_key="qc_pass", artifact_latent=method != "spatialdiva", **args.model_kwargs,
         )
         model.train(
@@ -246,13 +255,12 @@ def train_spartha(method: str, train: AnnData, args, seed: int, validation: str 
         return model
 
     epochs = epochs or args.epochs
-    if validation is None:
-        return fit(None, epochs)
+    if validation is None or validation == "auto":
+        return fit(validation, epochs)
     model = fit([validation], epochs)
     if not args.refit:
         return model
-    val = [h["val_loss_histology"] for h in model.history]
-    return fit(None, int(np.argmin(val)) + 1)
+    return fit(None, model.selection["epochs"])
 
 
 def posterior_predictive(model: sp.SPARTHA, adata: AnnData, artifact: str, args, seed: int):
@@ -320,7 +328,7 @@ def probe(model: sp.SPARTHA, seed: int) -> xr.DataArray:
     adata, dims = model.adata, model.module.model.dims
     labelled = adata.obs["cluster"].notna().to_numpy()
     latents = {
-        f"z_{k}": model.get_latent(latent=k)[labelled] for k in ("y", "d", "r", "x") if k == "y" or f"z_{k}" in dims
+        f"z_{k}": model.get_latent(latent=k)[labelled] for k in ("y", "d", "r", "x") if f"z_{k}" in dims or (k == "y" and "z_y0" in dims)
     }
     obs = adata.obs[labelled]
     factors = {name: obs[col].astype(str).to_numpy() for name, col in (("cluster", "cluster"), ("slide", "slide"), ("qc", "qc_pass"))}
@@ -347,7 +355,10 @@ def run_method(method, train, test, panels, args, seed, validation, extra=None):
     keep = ["histology", "patches"] if method == "histogene" else ["histology"]
     test_hist = AnnData(obs=test.obs[["slide", "array_x", "array_y"]].copy(), obsm={k: test.obsm[k] for k in keep})
     if method in ("mean", "ridge"):
-        make = (lambda: MeanPredictor()) if method == "mean" else (lambda: RidgePredictor("histology", group_key="slide"))
+        scaling = args.model_kwargs.get("histology_scaling", "section")  # ridge sees SPARTHA's features
+        section_key = "slide" if scaling == "section" else None
+        make = (lambda: MeanPredictor()) if method == "mean" else (
+            lambda: RidgePredictor("histology", group_key="slide", section_key=section_key))
         calibration = nb_baseline(make(), modelled_genes(train, panels, args.train_genes), test_hist, args, seed)
         return {method: (make().fit(train).predict(test_hist), train.var_names, None, calibration)}, None
     if method == "histogene":
@@ -476,7 +487,7 @@ def main(argv=None) -> list[dict]:
     tasks = []
     for train_sections, test_section in splits:
         validation = (
-            None if args.validation == "none"
+            None if args.validation == "none" else "auto" if args.validation == "auto"
             else train_sections[-1] if args.validation == "last" else args.validation
         )
         tasks += [(tuple(train_sections), test_section, validation, method, seed) for method in args.methods for seed in args.seeds]
