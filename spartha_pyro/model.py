@@ -146,6 +146,7 @@ class SPARTHA:
             torch.manual_seed(self._init_seed)
             return self._build_module(self._data.n)
 
+    @pyro.settings.context(module_local_params=True)  # weights stay in the module, out of the user's param store
     def _build_module(self, n_spots: int) -> SparthaModule:
         r, data = self.registry, self._data
         kw = dict(self.init_kwargs)
@@ -339,6 +340,7 @@ class SPARTHA:
             raise InputError("this model was loaded without its training AnnData: pass adata")
         return self._data if adata is None else encode_adata(adata, self.registry)
 
+    @pyro.settings.context(module_local_params=True)  # weights stay in the module, out of the user's param store
     @torch.no_grad()
     def get_latent(
         self,
@@ -405,6 +407,7 @@ class SPARTHA:
             raise InputError(f"this model has no {site} (artifact_latent/x_dim settings)")
         return [site]
 
+    @pyro.settings.context(module_local_params=True)  # weights stay in the module, out of the user's param store
     @torch.no_grad()
     def predict_expression(
         self,
