@@ -32,6 +32,44 @@ def test_import_changes_no_pyro_setting():
     assert out.split() == ["True", "False"]
 
 
+@pytest.mark.parametrize("module", ["spartha_pyro", "spartha_pyro.model", "spartha_pyro.train", "spartha_pyro.cli"])
+def test_core_modules_do_not_import_the_image_stack(module):
+    out = _run(
+        f"""
+        import sys
+        import {module}
+        print(sorted(m for m in sys.modules if m == "PIL" or m.startswith("PIL.")))
+        """
+    )
+    assert out.strip() == "[]"
+
+
+def test_reading_images_does_not_lift_pillow_limit_process_wide(tmp_path):
+    from PIL import Image
+
+    from spartha_pyro.io._images import image_size, load_rgb
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    limit = Image.MAX_IMAGE_PIXELS
+    assert limit is not None
+    assert image_size(tmp_path / "a.png", "S1") == (8, 8)
+    assert load_rgb(tmp_path / "a.png", "S1", max_px=4)[0].shape == (4, 4, 3)
+    assert Image.MAX_IMAGE_PIXELS == limit
+
+
+def test_huge_images_still_open(tmp_path, monkeypatch):
+    """The decompression-bomb guard is lifted inside the library's readers (histology is huge)."""
+    from PIL import Image
+
+    from spartha_pyro.io._images import image_size, load_rgb
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 64 px > 2 x 10: DecompressionBombError
+    assert image_size(tmp_path / "a.png", "S1") == (8, 8)
+    assert load_rgb(tmp_path / "a.png", "S1")[0].shape == (8, 8, 3)
+    assert Image.MAX_IMAGE_PIXELS == 10
+
+
 @pytest.mark.parametrize("global_local_params", [False, True])
 @pytest.mark.parametrize("jit", [False, True])
 def test_training_and_prediction_leave_pyro_state_alone(sim, global_local_params, jit):
