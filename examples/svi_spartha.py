@@ -5,8 +5,10 @@ the two amortized guides and the auxiliary classifiers (:mod:`spartha_pyro.guide
 built by hand, trained with a hand-written SVI loop, and expression is predicted for a
 held-out section from its histology alone with :class:`pyro.infer.Predictive`.
 
-**Why not ``pyro.infer.SVI``?** The library sets ``pyro.settings.set(module_local_params=True)``
-so two models in one process never share weights through Pyro's global param store. With
+**Why not ``pyro.infer.SVI``?** Like the library, this script runs its Pyro programs under
+``pyro.settings.context(module_local_params=True)`` (here around ``main``), so two models in
+one process never share weights through Pyro's global param store, and a user's own store and
+settings are left alone (never ``pyro.settings.set`` at import). With
 module-local parameters ``SVI.step`` cannot collect them: it traces ``pyro.param`` sites and
 expects unconstrained store entries, and fails with ``AttributeError: 'Parameter' object has
 no attribute 'unconstrained'``. Pyro's documented idiom for ``PyroModule``s is to treat the
@@ -46,6 +48,7 @@ from spartha_pyro.guides import AuxClassifiers, FullGuide, HistologyEncoder, His
 from spartha_pyro.models import SparthaModel
 
 
+@pyro.settings.context(module_local_params=True)  # build and run the modules with their own parameters
 def main(argv: list[str] | None = None) -> None:
     """Build, train and use SPARTHA with plain Pyro; prints the ELBO and held-out accuracy."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -44,11 +44,6 @@ from torch import nn
 
 from .likelihoods import LabelConditionedNormal, count_likelihood
 
-# Module-local parameters: two SPARTHA models in one process never share weights through
-# Pyro's global param store; weights are saved with ``state_dict``.
-pyro.settings.set(module_local_params=True)
-
-
 def make_fc(dims: Sequence[int], dropout: float = 0.0, last_activation: bool = False) -> nn.Sequential:
     """Fully connected stack ``dims[0] -> ... -> dims[-1]`` with LayerNorm + ReLU between layers."""
     layers: list[nn.Module] = []

@@ -4,8 +4,8 @@ Each subcommand is a thin layer over the Python API (no second implementation):
 
 - ``spartha prepare``  -> :func:`spartha_pyro.datasets.load` + :func:`spartha_pyro.pp.prepare`
 - ``spartha train``    -> :class:`spartha_pyro.SPARTHA` + ``.train()`` + ``.save()``
-- ``spartha predict``  -> :meth:`SPARTHA.load` + ``.predict_expression()`` +
-  :func:`spartha_pyro.predictions.summarize_samples` / :func:`~spartha_pyro.predictions.write_samples`
+- ``spartha predict``  -> :meth:`SPARTHA.load` + ``.predict_expression(out=...)`` (draws streamed
+  to NetCDF) + :func:`spartha_pyro.predictions.summarize_samples`
 - ``spartha evaluate`` -> :func:`spartha_pyro.demo.score` (regression metrics, QCPR) +
   :func:`spartha_pyro.metrics.format_table`
 - ``spartha demo``     -> :func:`spartha_pyro.demo.report`
@@ -140,12 +140,20 @@ def cmd_predict(args: argparse.Namespace) -> None:
     existing = [f for f in (args.out, args.samples) if f and Path(f).exists()]
     if existing and not args.overwrite:
         raise InputError(f"{existing} already exist; pass --overwrite to replace them")
+    if args.samples and Path(args.samples).suffix != ".nc":
+        raise InputError(f"--samples must end in .nc (NetCDF), got {args.samples!r}")
     adata = datasets.load(args.input, kind="h5ad", sections=args.sections)
     model = SPARTHA.load(args.model, device=args.device)
     print(f"predicting {adata.n_obs} spots × {len(model.registry.genes)} genes, {args.num_samples} draws each")
+    # with --samples the draws stream to the NetCDF file (the API's out=), never all in memory,
+    # and the summaries read them back a chunk of spots at a time
     samples = model.predict_expression(adata, num_samples=args.num_samples, artifact=args.artifact,
-                                       batch_size=args.batch_size, seed=args.seed)
-    out = predictions.summarize_samples(samples, obs=adata.obs, quantiles=args.quantiles)
+                                       batch_size=args.batch_size, seed=args.seed, out=args.samples,
+                                       overwrite=args.overwrite)
+    if args.samples:
+        print(f"wrote {args.samples}: {samples.sizes['sample']} draws (sample, spot, gene)")
+    with samples:
+        out = predictions.summarize_samples(samples, obs=adata.obs, quantiles=args.quantiles)
     for key in ("spatial", model.registry.histology_key):
         if key in adata.obsm:
             out.obsm[key] = np.asarray(adata.obsm[key])
@@ -153,9 +161,6 @@ def cmd_predict(args: argparse.Namespace) -> None:
         out.uns["spatial"] = adata.uns["spatial"]
     io.write_h5ad(out, args.out)
     print(f"wrote {args.out}: X = posterior mean of log1p(counts per 10k); layers {list(out.layers)}")
-    if args.samples:
-        predictions.write_samples(samples, args.samples)
-        print(f"wrote {args.samples}: {samples.sizes['sample']} draws (sample, spot, gene)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

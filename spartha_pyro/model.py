@@ -181,6 +181,7 @@ class SPARTHA:
             torch.manual_seed(self._init_seed)
             return self._build_module(self._data.n)
 
+    @pyro.settings.context(module_local_params=True)  # weights stay in the module, out of the user's param store
     def _build_module(self, n_spots: int) -> SparthaModule:
         r, data = self.registry, self._data
         kw = dict(self.init_kwargs)
@@ -430,6 +431,7 @@ class SPARTHA:
             raise InputError("this model was loaded without its training AnnData: pass adata")
         return self._data if adata is None else encode_adata(adata, self.registry)
 
+    @pyro.settings.context(module_local_params=True)  # weights stay in the module, out of the user's param store
     @torch.no_grad()
     def get_latent(
         self,
@@ -496,6 +498,7 @@ class SPARTHA:
             raise InputError(f"this model has no {site} (artifact_latent/x_dim settings)")
         return [site]
 
+    @pyro.settings.context(module_local_params=True)  # weights stay in the module, out of the user's param store
     @torch.no_grad()
     def predict_expression(
         self,
@@ -826,7 +829,8 @@ def _netcdf_variable(path: Path, name: str, dtype, coords: Mapping[str, Sequence
             kind = str if values.dtype.kind in "OU" else values.dtype
             ds.createVariable(dim, kind, (dim,))[:] = values.astype(object) if kind is str else values
         chunks = (1, min(256, len(coords["spot"])), len(coords["gene"]))
-        variable = ds.createVariable(name, dtype, ("sample", "spot", "gene"), chunksizes=chunks)
+        # compressed as write_samples did (draw counts shrink ~10x), one chunk per sample and minibatch
+        variable = ds.createVariable(name, dtype, ("sample", "spot", "gene"), chunksizes=chunks, zlib=True, complevel=4)
         variable.setncatts(dict(attrs))
         yield variable
     finally:

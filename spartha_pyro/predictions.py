@@ -69,10 +69,9 @@ def summarize_samples(
     n_spots, n_genes = samples.sizes["spot"], samples.sizes["gene"]
     layers = {name: np.empty((n_spots, n_genes), np.float32) for name in ("mean", "sd", "counts_mean")}
     layers.update({quantile_layer(q): np.empty((n_spots, n_genes), np.float32) for q in quantiles})
-    values = samples.values
     for start in range(0, n_spots, chunk_spots):
         rows = slice(start, start + chunk_spots)
-        chunk = values[:, rows]
+        chunk = samples[:, rows].values  # a file-backed array (predict_expression(out=...)) is read chunk by chunk
         y = normalize_log1p(chunk, target_sum, dtype=np.float32)
         layers["mean"][rows] = y.mean(0)
         layers["sd"][rows] = y.std(0)

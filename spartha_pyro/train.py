@@ -202,22 +202,24 @@ def fit(
 ) -> list[dict]:
     """Train ``module`` in place; see :func:`_fit` (``jit=True`` for ``JitTrace_ELBO``).
 
-    Pyro's JIT finds parameters through its global param store, so a JIT run registers this
-    module's parameters there (the store is cleared first, the tensors are the module's own)
-    and the library's default of module-local parameters is restored afterwards.
+    Pyro's settings and param store are left as the caller had them. The module's parameters
+    are module-local (``pyro.settings.context(module_local_params=True)`` around the loop):
+    they never enter Pyro's global param store, so two models never share weights. Pyro's
+    JIT finds parameters through the global store, so a JIT run registers them in a fresh
+    store (``param_store.scope()``; the tensors are the module's own) that replaces the
+    caller's for the duration of the run and is dropped afterwards.
     """
     module.configure(module.model.n_spots, jit=jit)
     args = (module, data, train_idx, val_idx, config, device)
     validation = contextlib.nullcontext() if config.validate is None else pyro.validation_enabled(config.validate)
     with validation:
         if not jit:
-            return _fit(*args)
-        with pyro.settings.context(module_local_params=False):
-            pyro.clear_param_store()
+            with pyro.settings.context(module_local_params=True):
+                return _fit(*args)
+        with pyro.settings.context(module_local_params=False), pyro.get_param_store().scope():
             try:
                 return _fit(*args, drop_last=True)
             finally:
-                pyro.clear_param_store()
                 module.configure(module.model.n_spots, jit=False)
 
 

@@ -128,3 +128,25 @@ def test_entry_point_subprocess(workdir: Path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert out.exists() and "wrote" in proc.stdout
+
+
+def test_predict_samples_stream_as_the_api_writes_them(pipeline: Path, monkeypatch):
+    """``--samples`` is ``predict_expression(out=...)``: the same file, not a second writer
+    that holds every draw in memory first."""
+    import xarray as xr
+
+    d = pipeline
+    monkeypatch.setattr(predictions, "write_samples", None)  # the in-memory writer is not used
+    assert main(["predict", str(d / "model"), str(d / "prep.h5ad"), "--sections", "slide2", "-o", str(d / "p2.h5ad"),
+                 "--samples", str(d / "cli.nc"), "--num-samples", "4", "--seed", "3", "--batch-size", "32",
+                 "--quiet"]) == 0
+    adata = sp.datasets.load(d / "prep.h5ad", kind="h5ad", sections=["slide2"])
+    model = sp.SPARTHA.load(d / "model")
+    model.predict_expression(adata, num_samples=4, seed=3, batch_size=32, out=d / "api.nc").close()
+    with xr.open_dataset(d / "cli.nc") as cli, xr.open_dataset(d / "api.nc") as api:
+        xr.testing.assert_identical(cli, api)
+    pred = ad.read_h5ad(d / "p2.h5ad")
+    with xr.open_dataarray(d / "api.nc") as draws:
+        np.testing.assert_allclose(pred.X, sp.metrics.normalize_log1p(draws.values).mean(0), rtol=1e-4, atol=1e-5)
+    assert main(["predict", str(d / "model"), str(d / "prep.h5ad"), "-o", str(d / "p3.h5ad"),
+                 "--samples", str(d / "draws.zarr")]) == 2

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -33,7 +35,10 @@
 
 # %%
 import os
+import sys
+from pathlib import Path
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -47,6 +52,21 @@ from spartha_pyro.module import batch_args
 
 CI = bool(os.environ.get("CI"))  # the test suite sets CI=1: smaller data
 pyro.set_rng_seed(0)
+
+
+FIGURES = Path(os.environ.get("SPARTHA_FIGURES", "figures"))  # where CI runs save their figures
+if CI and "IPython" not in sys.modules:
+    matplotlib.use("Agg")  # a CI script never opens a window (and has no display to open it on)
+
+
+def show(name: str) -> None:
+    """Show the current figure; under ``CI=1`` also save it as ``FIGURES/<name>.png``
+    (a CI run has no display, so a figure only shown would be lost)."""
+    if CI:
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        plt.savefig(FIGURES / f"{name}.png", dpi=72, bbox_inches="tight")
+    plt.show()
+
 
 # %% [markdown]
 # ## Data and an (untrained) model
@@ -70,7 +90,8 @@ pd.crosstab(adata.obs["true_artifact"], adata.obs["qc_pass"])
 program = model.module.model
 batch = model._data.minibatch(np.arange(200), torch.device("cpu"), program.n_genes)
 batch.update(x_t=None, x_h=None)
-with torch.no_grad():
+# module_local_params: the model's weights stay in the module, out of Pyro's global param store
+with torch.no_grad(), pyro.settings.context(module_local_params=True):
     trace = poutine.trace(program).get_trace(*batch_args(batch))
 
 
@@ -108,7 +129,7 @@ for ax, site, colour, title in ((axes[0], "z_y0", labels, "z_y0 | cell type"), (
     ax.set(title=f"prior draws of {title}", xlabel="dim 0", ylabel="dim 1")
     ax.legend(frameon=False, fontsize=8)
 plt.tight_layout()
-plt.show()
+show("prior_draws")
 
 # %% [markdown]
 # A spot with a **missing** label (code `-1`) gets the class mixture as its prior, weighted
@@ -135,7 +156,7 @@ axes[1].loglog([1e-3, mean.max()], [1e-3, mean.max()], "k--", lw=0.8, label="Poi
 axes[1].set(title="generated genes: variance vs mean", xlabel="mean", ylabel="variance")
 axes[1].legend(frameon=False)
 plt.tight_layout()
-plt.show()
+show("generated_counts")
 
 # %% [markdown]
 # ## The graph: `pyro.render_model`
@@ -152,7 +173,8 @@ try:
 except ImportError:
     have_graphviz = False
 if have_graphviz:
-    graph = pyro.render_model(program, model_args=batch_args(batch), render_distributions=True)
+    with pyro.settings.context(module_local_params=True):
+        graph = pyro.render_model(program, model_args=batch_args(batch), render_distributions=True)
     try:
         from IPython.display import display
     except ImportError:  # run as a plain script

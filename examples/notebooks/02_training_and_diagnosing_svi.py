@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -22,10 +24,14 @@
 
 # %%
 import os
+import sys
+from pathlib import Path
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
@@ -39,6 +45,21 @@ SMALL = dict(hidden=64, y_dim=8, d_dim=4, r_dim=4, x_dim=4)
 
 adata = sp.datasets.simulate(n_spots=240 if CI else 2000, n_genes=80 if CI else 500, histology_dim=16, seed=0)
 sp.pp.annotate_qc(adata, batch_key="slide")
+
+
+FIGURES = Path(os.environ.get("SPARTHA_FIGURES", "figures"))  # where CI runs save their figures
+if CI and "IPython" not in sys.modules:
+    matplotlib.use("Agg")  # a CI script never opens a window (and has no display to open it on)
+
+
+def show(name: str) -> None:
+    """Show the current figure; under ``CI=1`` also save it as ``FIGURES/<name>.png``
+    (a CI run has no display, so a figure only shown would be lost)."""
+    if CI:
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        plt.savefig(FIGURES / f"{name}.png", dpi=72, bbox_inches="tight")
+    plt.show()
+
 
 # %% [markdown]
 # ## ELBO curves from `model.history`
@@ -57,7 +78,7 @@ axes[0].set(title="negative ELBO per spot", xlabel="epoch")
 history.filter(like="acc_").plot(ax=axes[1], ylim=(0, 1.05))
 axes[1].set(title="auxiliary classifier accuracy q(L | Z)", xlabel="epoch")
 plt.tight_layout()
-plt.show()
+show("elbo_and_accuracy")
 history.tail(3)
 
 # %% [markdown]
@@ -76,7 +97,7 @@ def kl_per_latent(m: sp.SPARTHA, path: str = "full", n_draws: int = 8) -> pd.Ser
     batch = m._data.minibatch(np.arange(m._data.n), torch.device("cpu"), module.model.n_genes)
     args = batch_args(batch)
     totals: dict[str, float] = {}
-    with torch.no_grad():
+    with torch.no_grad(), pyro.settings.context(module_local_params=True):  # weights stay in the module
         for _ in range(n_draws):
             guide_tr = poutine.trace(guide).get_trace(*args)
             model_tr = poutine.trace(poutine.replay(module.model, trace=guide_tr)).get_trace(*args)
@@ -128,7 +149,7 @@ for ax, (weight, (_, probe)) in zip(axes[1:], results.items()):
     sp.pl.probe_heatmap(probe, ax=ax)
     ax.set_title(f"linear probe accuracy, aux weight {weight:g}")
 plt.tight_layout()
-plt.show()
+show("probe_heatmaps")
 
 # %% [markdown]
 # Reading the figure (a run with 600 spots and 30 epochs gave): with weight 50 the KL of

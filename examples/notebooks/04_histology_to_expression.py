@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -20,7 +22,7 @@
 # uncertainty of every spot and gene: we map the posterior sd and the coefficient of
 # variation.
 #
-# Data from `<repo>/../shared/data/her2st` (skipped with a message when absent). Under
+# Data from `<repo>/../shared/data/her2st` (`FileNotFoundError` when absent). Under
 # `CI=1`: two sections, the `"stats"` features, a few epochs. The prepared data are cached
 # (and shared with notebook 03) in `SPARTHA_CACHE` or `./cache`.
 
@@ -29,6 +31,7 @@ import os
 import sys
 from pathlib import Path
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -42,12 +45,27 @@ HERE = Path(globals().get("__file__", "04_histology_to_expression.py")).resolve(
 DATA = HERE.parents[2] / "shared" / "data" / "her2st"
 CACHE = Path(os.environ.get("SPARTHA_CACHE", HERE / "cache"))
 if not (DATA / "counts").is_dir():
-    print(f"her2st data not found at {DATA}: this notebook needs it (see shared/data/her2st/README.md). Skipping.")
-    sys.exit(0)
+    # fail loudly, never a silent pass: the test suite skips this notebook when the data are absent
+    raise FileNotFoundError(f"her2st data not found at {DATA}: this notebook needs it (see shared/data/her2st/README.md)")
 EXTRACTOR = "stats" if CI else "efficientnet_lite0"
 SECTIONS = ["C4", "C5"] if CI else list(HER2ST_IMAGED)
 TEST = "C5"
 MARKERS = ["ERBB2", "GRB7", "KRT19", "CD74", "COL1A1", "MGP"]
+
+
+FIGURES = Path(os.environ.get("SPARTHA_FIGURES", "figures"))  # where CI runs save their figures
+if CI and "IPython" not in sys.modules:
+    matplotlib.use("Agg")  # a CI script never opens a window (and has no display to open it on)
+
+
+def show(name: str) -> None:
+    """Show the current figure; under ``CI=1`` also save it as ``FIGURES/<name>.png``
+    (a CI run has no display, so a figure only shown would be lost)."""
+    if CI:
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        plt.savefig(FIGURES / f"{name}.png", dpi=72, bbox_inches="tight")
+    plt.show()
+
 
 # %% [markdown]
 # ## Data: read, QC, features (cached)
@@ -117,7 +135,7 @@ for row, gene in zip(axes, shown):
         pred.obs[f"{gene} {what}"] = np.asarray(values).ravel()  # obs columns: plotted as they are
         sp.pl.spatial(pred, TEST, color=f"{gene} {what}", ax=ax, cmap="magma" if what in ("observed", "predicted mean") else "viridis")
         ax.set_title(f"{gene}: {what}")
-plt.show()
+show("marker_maps")
 
 # %% [markdown]
 # ## Is the uncertainty honest?
@@ -132,4 +150,4 @@ ax.scatter(expressed, inside.mean(0), s=3, alpha=0.3)
 ax.axhline(0.9, color="k", ls="--", lw=0.8)
 ax.set(xlabel="mean observed log1p expression of the gene", ylabel="coverage of the 90% interval",
        title=f"{TEST}: interval coverage per gene")
-plt.show()
+show("interval_coverage")

@@ -6,6 +6,9 @@ close the file. Errors name the file and the section.
 """
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,32 @@ from PIL import Image, UnidentifiedImageError
 
 from .._errors import InputError
 
-Image.MAX_IMAGE_PIXELS = None  # histology images are legitimately huge
+_LIMIT_LOCK = threading.Lock()
+_lifted = 0  # open images (any thread) reading with the limit lifted
+_user_limit: int | None = None
+
+
+@contextmanager
+def _open_huge(path: Path) -> Iterator[Image.Image]:
+    """``Image.open(path)`` with Pillow's decompression-bomb limit lifted for this block only.
+
+    Histology images are legitimately huge (~9k × 10k px), so ``Image.MAX_IMAGE_PIXELS`` is
+    lifted while the library reads them, and the caller's limit is restored afterwards: the
+    guard stays on for every other image the process opens.
+    """
+    global _lifted, _user_limit
+    with _LIMIT_LOCK:
+        if not _lifted:
+            _user_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        _lifted += 1
+    try:
+        with Image.open(path) as im:
+            yield im
+    finally:
+        with _LIMIT_LOCK:
+            _lifted -= 1
+            if not _lifted:
+                Image.MAX_IMAGE_PIXELS = _user_limit
 
 
 def image_size(path: str | Path, section: str) -> tuple[int, int]:
@@ -28,7 +56,7 @@ def image_size(path: str | Path, section: str) -> tuple[int, int]:
     if not path.is_file():
         raise InputError(f"section {section!r}: image file {str(path)!r} does not exist")
     try:
-        with Image.open(path) as im:
+        with _open_huge(path) as im:
             return im.size
     except (UnidentifiedImageError, OSError) as err:
         raise InputError(f"section {section!r}: cannot read image {str(path)!r}: {err}") from err
@@ -63,7 +91,7 @@ def load_rgb(path: str | Path, section: str, max_px: int | None = None) -> tuple
     width, height = image_size(path, section)
     scale = 1.0 if max_px is None or max(width, height) <= max_px else max_px / max(width, height)
     try:
-        with Image.open(path) as im:
+        with _open_huge(path) as im:
             if im.mode.startswith(("I", "F")):
                 raise InputError(
                     f"section {section!r}: image {str(path)!r} has {im.mode!r} pixels (16/32-bit or float); "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,12 +23,20 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     Yields
     ------
     A path in the same folder (same suffix) to write to. It is flushed to disk and renamed
-    onto ``target`` when the block succeeds, and removed if the block raises.
+    onto ``target`` when the block succeeds, and removed if the block raises. The file gets
+    the permissions of any new file (``0o666`` less the umask), not ``mkstemp``'s ``0o600``.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
-    os.close(fd)
+    for _ in range(tempfile.TMP_MAX):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}{target.suffix}"
+        try:  # O_EXCL: a fresh name of our own; mode 0o666 & ~umask, applied by the kernel
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name next to {target}")
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:  # the bytes reach the disk before the name does
