@@ -605,6 +605,7 @@ class SPARTHA:
                 predictive = Predictive(module.model, guide=guide, num_samples=s, return_sites=[site])
                 yield b, predictive(*batch_args(batch))[site].reshape(s, len(b), n_genes)
 
+    @pyro.settings.context(module_local_params=True)  # weights stay in the module, out of the user's param store
     @torch.no_grad()
     def predict_mean(
         self,
