@@ -43,6 +43,7 @@ import torch
 from anndata import AnnData
 
 from ._errors import InputError
+from .recipe import read_recipe
 
 QC_CODES = {"fail": 0, "pass": 1}
 
@@ -64,6 +65,8 @@ class Registry:
     histology_std: list[float] = field(default_factory=list)
     counts_key: str | None = None
     gene_mask_key: str | None = None
+    #: how ``obsm[histology_key]`` was made (:mod:`spartha_pyro.recipe`); ``None``: unknown
+    histology_recipe: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -478,6 +481,7 @@ def build_registry(
         histology_std=std.astype(float).tolist(),
         counts_key=counts_key,
         gene_mask_key=gene_mask_key,
+        histology_recipe=read_recipe(adata, histology_key),
     )
 
 
