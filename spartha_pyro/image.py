@@ -134,9 +134,9 @@ class SlideImage:
         out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = part
         return out
 
-    def thumbnail(self, max_px: int = 2048, band_px: int = 2048) -> tuple[np.ndarray, float]:
+    def thumbnail(self, max_px: int = 2048, band_bytes: int = 64 * 2**20) -> tuple[np.ndarray, float]:
         """A copy whose longer side is ≤ ``max_px``, made from the coarsest level that is large
-        enough by block means over bands of rows (memory: one band).
+        enough by block means over bands of rows (memory: one band, about ``band_bytes``).
 
         Returns
         -------
@@ -155,7 +155,7 @@ class SlideImage:
         if tw < 1 or th < 1:
             raise InputError(f"image {str(self.path)!r} ({w} × {h} px) is too small")
         out = np.empty((th, tw, 3), dtype=np.uint8)
-        rows = max(1, band_px // f)  # thumbnail rows per band
+        rows = max(1, band_bytes // (12 * tw * f * f))  # thumbnail rows per band (float32 RGB)
         for r0 in range(0, th, rows):
             r1 = min(th, r0 + rows)
             band = self.read_region(0, r0 * f, tw * f, (r1 - r0) * f, level).astype(np.float32)
