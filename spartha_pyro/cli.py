@@ -6,6 +6,8 @@ Each subcommand is a thin layer over the Python API (no second implementation):
 - ``spartha train``    -> :class:`spartha_pyro.SPARTHA` + ``.train()`` + ``.save()``
 - ``spartha predict``  -> :meth:`SPARTHA.load` + ``.predict_expression(out=...)`` (draws streamed
   to NetCDF) + :func:`spartha_pyro.predictions.summarize_samples`
+- ``spartha predict-image`` -> :func:`spartha_pyro.image.predict_image` (+
+  :func:`~spartha_pyro.image.plot_gene_maps`)
 - ``spartha evaluate`` -> :func:`spartha_pyro.demo.score` (regression metrics, QCPR) +
   :func:`spartha_pyro.metrics.format_table`
 - ``spartha demo``     -> :func:`spartha_pyro.demo.report`
@@ -37,6 +39,7 @@ artifacts modelled by their own latent.
   spartha prepare her2st/ -o data.h5ad              read, annotate QC, histology features
   spartha train data.h5ad -o model/ --sections B4 C2 C3 C4 --label-keys cluster
   spartha predict model/ data.h5ad --sections C5 -o pred.h5ad --samples draws.nc
+  spartha predict-image model/ slide.tif -o maps.h5ad --genes ERBB2 --plot-dir maps/
   spartha evaluate pred.h5ad data.h5ad --samples draws.nc --json metrics.json
   spartha demo                                      the simulated main job
 
@@ -161,6 +164,36 @@ def cmd_predict(args: argparse.Namespace) -> None:
         out.uns["spatial"] = adata.uns["spatial"]
     io.write_h5ad(out, args.out)
     print(f"wrote {args.out}: X = posterior mean of log1p(counts per 10k); layers {list(out.layers)}")
+
+
+def cmd_predict_image(args: argparse.Namespace) -> None:
+    """Predict expression maps from an H&E image alone: pseudo-spots on the tissue, the model's
+    features, predictions with uncertainty; optional per-gene map PNGs."""
+    from . import SPARTHA, image
+
+    existing = [f for f in (args.out, args.samples) if f and Path(f).exists()]
+    if existing and not args.overwrite:
+        raise InputError(f"{existing} already exist; pass --overwrite to replace them")
+    if args.genes and not args.plot_dir:
+        raise InputError("--genes needs --plot-dir (where the map PNGs go)")
+    model = SPARTHA.load(args.model, device=args.device)
+    genes = image.check_genes(args.genes or [], model.registry.genes)
+    pred = image.predict_image(
+        model, args.image, out=args.out, samples=args.samples, num_samples=args.num_samples, artifact=args.artifact,
+        quantiles=args.quantiles, seed=args.seed, overwrite=args.overwrite, progress=args.progress,
+        um_per_px=args.um_per_px, spacing_um=args.spacing_um, spot_um=args.spot_um, grid=args.grid,
+        tissue_mask=args.tissue_mask, min_tissue=args.min_tissue, library_id=args.library_id,
+        batch_size=args.batch_size, device=None if args.device == "auto" else args.device,
+    )
+    g = pred.uns["image_grid"]
+    print(f"{pred.n_obs} pseudo-spots ({g['grid']} grid, {g['spacing_um']:g} µm spacing) on {args.image} at "
+          f"{g['um_per_px']:.4g} µm/px ({g['um_per_px_source']}; level {g['level']})")
+    print(f"wrote {args.out}: X = predictive mean of log1p(counts per 10k); layers {list(pred.layers)}")
+    if args.samples:
+        print(f"wrote {args.samples}: {args.num_samples} draws (sample, spot, gene)")
+    if genes:
+        for path in image.plot_gene_maps(pred, genes, args.plot_dir):
+            print(f"wrote {path}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -314,6 +347,42 @@ def _add_predict(sub) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def _add_predict_image(sub) -> None:
+    p = sub.add_parser("predict-image", formatter_class=_Formatter, help="predict expression maps from an H&E image",
+                       description=cmd_predict_image.__doc__
+                       + "\n\nReads JPEG/PNG/TIFF and pyramidal TIFF/OME-TIFF/SVS tile by tile. Pseudo-spots follow the "
+                       "training platform (legacy-ST square or Visium hex grid) unless overridden. X = predictive mean "
+                       "of log1p(counts per 10,000); layers sd, q05/q50/q95, counts_mean; obsm['spatial'] in "
+                       "full-resolution pixels and uns['spatial'] for sc.pl.spatial.")
+    p.add_argument("model", help="model folder written by 'spartha train' (features from 'spartha prepare')")
+    p.add_argument("image", help="H&E image: JPEG, PNG, TIFF, pyramidal TIFF / OME-TIFF / SVS")
+    p.add_argument("-o", "--out", required=True, help="output .h5ad of predictions")
+    p.add_argument("--samples", help="also write every draw to this NetCDF (.nc) file")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    g = p.add_argument_group("image and grid")
+    g.add_argument("--um-per-px", type=float, help="µm per full-resolution pixel (default: file metadata, else the "
+                   "training resolution with a warning)")
+    g.add_argument("--spacing-um", type=float, help="spot centre-to-centre spacing in µm (default: training platform)")
+    g.add_argument("--spot-um", type=float, help="spot diameter in µm (default: training platform)")
+    g.add_argument("--grid", choices=["square", "hex"], help="square (legacy ST) or hex (Visium); default: training")
+    g.add_argument("--tissue-mask", help="mask image (non-zero = tissue, any size) instead of tissue detection")
+    g.add_argument("--min-tissue", type=float, default=0.5, help="keep spots whose area is at least this tissue fraction")
+    g.add_argument("--library-id", help="key of uns['spatial'] (default the image file name)")
+    g = p.add_argument_group("prediction")
+    g.add_argument("--num-samples", type=int, default=20, help="posterior predictive draws per spot")
+    g.add_argument("--artifact", default="pass", choices=["pass", "posterior"],
+                   help="pass: artifact-free generation (Z_r from p(Z_r | pass)); posterior: Z_r from q(Z_r | X_h)")
+    g.add_argument("--quantiles", type=float, nargs="*", default=[0.05, 0.5, 0.95], help="quantile layers to write")
+    g.add_argument("--batch-size", type=int, default=64, help="patches per feature-extractor call")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda…")
+    g.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    g = p.add_argument_group("plots")
+    g.add_argument("--genes", nargs="+", help="genes to map (mean and sd side by side, one PNG each)")
+    g.add_argument("--plot-dir", help="folder of the map PNGs")
+    _common(p)
+    p.set_defaults(func=cmd_predict_image)
+
+
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", formatter_class=_Formatter, help="score predictions against observed counts",
                        description=cmd_evaluate.__doc__
@@ -342,14 +411,15 @@ def _add_demo(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``spartha`` argument parser with its five subcommands."""
+    """The ``spartha`` argument parser with its subcommands."""
     parser = argparse.ArgumentParser(prog="spartha", description=DESCRIPTION, formatter_class=_Formatter)
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"spartha-pyro {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,predict,evaluate,demo}")
-    for add in (_add_prepare, _add_train, _add_predict, _add_evaluate, _add_demo):
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{prepare,train,predict,predict-image,evaluate,demo}")
+    for add in (_add_prepare, _add_train, _add_predict, _add_predict_image, _add_evaluate, _add_demo):
         add(sub)
     return parser
 
@@ -389,7 +459,7 @@ def read_config(path: Path, command: str) -> dict:
         raise
     if not isinstance(data, dict):
         raise InputError(f"config file {str(path)!r} must hold a mapping of options")
-    commands = {"prepare", "train", "predict", "evaluate", "demo"}
+    commands = {"prepare", "train", "predict", "predict-image", "evaluate", "demo"}
     options = {k: v for k, v in data.items() if k not in commands}
     section = data.get(command) or {}
     if not isinstance(section, dict):

