@@ -116,6 +116,8 @@ class SPARTHA:
     ):
         if isinstance(label_keys, str):
             label_keys = [label_keys]
+        if adata.n_obs == 0:  # before the label/QC checks, whose messages would mislead
+            raise InputError("adata has 0 spots: nothing to train on")
         if artifact_latent and qc_key is None:
             raise InputError("artifact_latent=True needs qc_key (run sp.pp.annotate_qc first)")
         if artifact_latent and qc_key not in adata.obs:
@@ -287,6 +289,8 @@ class SPARTHA:
         history = fit(self.module, self._data, train_idx, val_idx, config, self.device, jit=jit)
         if refit:
             best = int(np.argmin([h["val_loss_histology"] for h in history])) + 1
+            if progress:
+                print(f"refit: new weights trained on all {self._data.n} spots for {best} epochs (the best validation epoch)")
             self.module = self._initial_module()
             self.module.configure(n_spots=self._data.n, jit=False)
             config.max_epochs, config.patience = best, None
@@ -338,6 +342,8 @@ class SPARTHA:
     def _encode(self, adata: AnnData | None) -> SpotArrays:
         if adata is None and self._data is None:
             raise InputError("this model was loaded without its training AnnData: pass adata")
+        if adata is not None and adata.n_obs == 0:
+            raise InputError("adata has 0 spots")
         return self._data if adata is None else encode_adata(adata, self.registry)
 
     @pyro.settings.context(module_local_params=True)  # weights stay in the module, out of the user's param store
@@ -463,6 +469,8 @@ class SPARTHA:
             raise InputError("num_samples must be positive")
         if out is not None and Path(out).exists() and not overwrite:
             raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+        if adata.n_obs == 0:
+            raise InputError("adata has 0 spots: nothing to predict")
         key = self.registry.histology_key
         if key not in adata.obsm:
             raise InputError(f"prediction needs histology in adata.obsm[{key!r}]")
