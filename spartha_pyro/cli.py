@@ -112,6 +112,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     if (Path(args.out) / "model.pt").exists() and not args.overwrite:
         raise InputError(f"{args.out} already holds a saved model; pass --overwrite to replace it")
+    if args.refit and (_validation(args.validation) is None or args.checkpoint_dir is not None):  # before the data load
+        raise InputError("--refit needs --validation (to choose the epoch count) and no --checkpoint-dir")
     adata = datasets.load(args.input, kind="h5ad", sections=args.sections)
     model = SPARTHA(
         adata, histology_key=args.histology_key, label_keys="auto" if args.label_keys is None else args.label_keys,
@@ -131,9 +133,17 @@ def cmd_train(args: argparse.Namespace) -> None:
         precision=args.precision, refit=args.refit, monitor=args.monitor, min_epochs=args.min_epochs,
     )
     model.save(args.out, overwrite=args.overwrite)
-    last = history[-1]
-    final = [h for h in history if h.get("stage", "refit") == "refit"]
-    print(f"trained {len(final)} epochs (final loss {last['loss']:.4f}); saved to {args.out}")
+    print(f"{_trained(history)} (final loss {history[-1]['loss']:.4f}); saved to {args.out}")
+
+
+def _trained(history: list[dict]) -> str:
+    """What training did, e.g. "early stopping chose 23 epochs; refit on all spots for 23 epochs"."""
+    refit = [h for h in history if h.get("stage") == "refit"]
+    if refit:
+        chosen = len(history) - len(refit)  # validation-stage epochs run
+        return (f"early stopping chose {len(refit)} epochs (of {chosen} run with validation); "
+                f"refit on all spots for {len(refit)} epochs")
+    return f"trained {len(history)} epochs"  # early stopping, when it happened, was announced by the loop
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -206,6 +216,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         pred = ad.read_h5ad(args.predictions)
     except (OSError, KeyError) as err:
         raise InputError(f"{args.predictions!r} cannot be read as .h5ad: {err}") from None
+    if pred.n_obs == 0 or pred.n_vars == 0:
+        raise InputError(f"{args.predictions!r} holds {pred.n_obs} spots × {pred.n_vars} genes: nothing to evaluate")
     observed = datasets.load(args.observed, kind="h5ad")
     missing_spots = pred.obs_names.difference(observed.obs_names)
     missing_genes = pred.var_names.difference(observed.var_names)

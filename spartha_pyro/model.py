@@ -131,6 +131,8 @@ class SPARTHA:
         auto = isinstance(label_keys, str) and label_keys == "auto"
         if isinstance(label_keys, str) and not auto:
             label_keys = [label_keys]
+        if adata.n_obs == 0:  # before the label/QC checks, whose messages would mislead
+            raise InputError("adata has 0 spots: nothing to train on")
         if artifact_latent and qc_key is None:
             raise InputError("artifact_latent=True needs qc_key (run sp.pp.annotate_qc first)")
         if artifact_latent and qc_key not in adata.obs:
@@ -430,6 +432,8 @@ class SPARTHA:
     def _encode(self, adata: AnnData | None) -> SpotArrays:
         if adata is None and self._data is None:
             raise InputError("this model was loaded without its training AnnData: pass adata")
+        if adata is not None and adata.n_obs == 0:
+            raise InputError("adata has 0 spots")
         if adata is not None:
             check_recipe(self.registry.histology_recipe, read_recipe(adata, self.registry.histology_key))
         return self._data if adata is None else encode_adata(adata, self.registry)
@@ -580,6 +584,8 @@ class SPARTHA:
         """Arrays of spots to predict from histology alone (checked: every spot has histology)."""
         if artifact not in ("pass", "posterior"):
             raise InputError(f"artifact must be 'pass' or 'posterior', got {artifact!r}")
+        if adata.n_obs == 0:
+            raise InputError("adata has 0 spots: nothing to predict")
         key = self.registry.histology_key
         if key not in adata.obsm:
             raise InputError(f"prediction needs histology in adata.obsm[{key!r}]")

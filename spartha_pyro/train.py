@@ -283,7 +283,9 @@ def _fit(
             checkpoint.set_rng_state(state["rng"], rng)
             history, step, start = state["history"], state["step"], state["epoch"] + 1
             best, best_state, stale = state["best"], state["best_state"], state["stale"]
-    bar = tqdm(range(start, config.max_epochs), desc="SPARTHA", unit="epoch", disable=not config.progress, initial=start)
+    bar = tqdm(range(start, config.max_epochs), desc="SPARTHA", unit="epoch", disable=not config.progress, initial=start,
+               total=config.max_epochs)  # a resumed run shows epoch start of max_epochs, not of max_epochs - start
+    stopped = False
     for epoch in bar:
         sums = torch.zeros(2, device=device)
         n_seen = 0
@@ -330,6 +332,7 @@ def _fit(
             else:
                 stale += 1
                 if stale >= config.patience and epoch + 1 >= config.min_epochs:
+                    stopped = True
                     break
         if config.checkpoint_dir is not None and (epoch + 1) % config.checkpoint_every == 0:
             state = {
@@ -342,6 +345,13 @@ def _fit(
             checkpoint.write_checkpoint(config.checkpoint_dir, state, config.keep_checkpoints)
     if best_state is not None:
         module.load_state_dict(best_state)
+        if config.progress:
+            chosen = next((h["epoch"] for h in history if monitored(h, config.monitor) == best), history[-1]["epoch"])
+            ran = history[-1]["epoch"] + 1
+            why = f"early stopping after epoch {ran} (no validation improvement for {config.patience})" if stopped else f"{ran} epochs"
+            score = f"validation per-gene PCC {-best:.4f}" if config.monitor == "pcc" else f"validation loss {best:.4f}"
+            bar.write(f"{why}: kept the weights of epoch {chosen + 1}, the best {score}")
+    bar.close()
     module.eval()
     return history
 

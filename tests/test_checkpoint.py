@@ -201,3 +201,19 @@ def test_prediction_file_needs_overwrite(saved, small, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         model.predict_expression(small, num_samples=2, out=out)
     np.testing.assert_array_equal(model.predict_expression(small, num_samples=2, out=out, overwrite=True).values, first)
+
+
+def test_progress_bar_keeps_its_total_after_resume(small, tmp_path, monkeypatch):
+    import spartha_pyro.train as train
+
+    bars = []
+
+    class Recording(train.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(train, "tqdm", Recording)
+    _model(small).train(max_epochs=2, batch_size=64, checkpoint_dir=tmp_path)
+    _model(small).train(max_epochs=5, batch_size=64, checkpoint_dir=tmp_path, resume=True)
+    assert [(b.n, b.total) for b in bars] == [(2, 2), (5, 5)]

@@ -150,3 +150,32 @@ def test_predict_samples_stream_as_the_api_writes_them(pipeline: Path, monkeypat
         np.testing.assert_allclose(pred.X, sp.metrics.normalize_log1p(draws.values).mean(0), rtol=1e-4, atol=1e-5)
     assert main(["predict", str(d / "model"), str(d / "prep.h5ad"), "-o", str(d / "p3.h5ad"),
                  "--samples", str(d / "draws.zarr")]) == 2
+
+
+def test_refit_announced_and_refused_before_the_data_load(pipeline: Path, monkeypatch, capsys):
+    d = pipeline
+    argv = ["train", str(d / "prep.h5ad"), "-o", str(d / "refit"), "--sections", "slide0", "slide1", *TINY_TRAIN,
+            "--max-epochs", "4", "--validation", "slide1", "--refit"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    history = sp.SPARTHA.load(d / "refit").history
+    chosen = sum(h["stage"] == "refit" for h in history)
+    assert (f"early stopping chose {chosen} epochs (of {len(history) - chosen} run with validation); "
+            f"refit on all spots for {chosen} epochs") in out
+    assert "trained" not in out
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the data were loaded")
+
+    monkeypatch.setattr(sp.datasets, "load", no_load)
+    assert main([*argv, "--overwrite", "--checkpoint-dir", str(d / "ckpt")]) == 2
+    assert "--refit needs --validation" in capsys.readouterr().err
+
+
+def test_zero_spots_are_refused(pipeline: Path, capsys):
+    d = pipeline
+    ad.read_h5ad(d / "prep.h5ad")[:0].copy().write_h5ad(d / "empty.h5ad")
+    assert main(["predict", str(d / "model"), str(d / "empty.h5ad"), "-o", str(d / "p0.h5ad"), "--quiet"]) == 2
+    assert "0 spots" in capsys.readouterr().err
+    assert main(["evaluate", str(d / "empty.h5ad"), str(d / "prep.h5ad")]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err

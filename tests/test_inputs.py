@@ -121,3 +121,15 @@ def test_bad_prediction_arguments(trained, sim, kwargs):
     new = ad.AnnData(obs=sim.obs[[]].iloc[:5].copy(), obsm={"histology": sim.obsm["histology"][:5]})
     with pytest.raises(sp.InputError):
         trained.predict_expression(new, **kwargs)
+
+
+def test_zero_spots_get_a_clear_error(trained, sim):
+    """Not a label or QC error for training, not an empty success for prediction/latents."""
+    empty = sim[:0].copy()
+    for kwargs in (KW, {}):
+        with pytest.raises(sp.InputError, match="0 spots"):
+            sp.SPARTHA(empty, **kwargs)
+    with pytest.raises(sp.InputError, match="0 spots"):
+        trained.predict_expression(empty)
+    with pytest.raises(sp.InputError, match="0 spots"):
+        trained.get_latent(empty, latent="d")

@@ -236,3 +236,17 @@ def test_gene_negative_binomial_is_the_nb_density_and_survives_plates(trained, s
     while not isinstance(fn, GeneNegativeBinomial):
         assert hasattr(fn, "base_dist"), f"x_t site lost GeneNegativeBinomial: {type(fn).__name__}"
         fn = fn.base_dist
+
+
+def test_early_stopping_and_refit_are_announced(sim, capsys):
+    model = sp.SPARTHA(sim, label_keys=["cell_type"], batch_key="slide", seed=0, **SMALL)
+    # lr=0: the validation loss cannot improve beyond Monte Carlo noise, so patience 1 stops early
+    hist = model.train(max_epochs=30, batch_size=200, validation=["slide2"], patience=1, lr=0.0, refit=True)
+    out = capsys.readouterr().out
+    ran = sum(h["stage"] == "validation" for h in hist)
+    refit = sum(h["stage"] == "refit" for h in hist)
+    assert ran < 30
+    assert f"early stopping after epoch {ran} (no validation improvement for 1)" in out
+    assert f"refit: new weights trained on all {sim.n_obs} spots for {refit} epochs" in out
+    model.train(max_epochs=2, batch_size=200, progress=False, validation=["slide2"], patience=1, lr=0.0)
+    assert capsys.readouterr().out == ""  # quiet when progress=False

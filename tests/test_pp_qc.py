@@ -41,6 +41,15 @@ def test_qc_metrics_by_hand():
     np.testing.assert_allclose(m["log1p_n_genes_by_counts"], np.log1p([0, 3, 2]))
     np.testing.assert_allclose(m["pct_counts_in_top_20_genes"], [0, 100, 100])
     np.testing.assert_allclose(m["pct_counts_mt"], [0, 10, 50])
+    # more than 20 detected genes: only the 20 largest counts are summed (the top-20 branch)
+    rng = np.random.default_rng(0)
+    row = rng.permutation(np.arange(1, 26))  # 25 genes with counts 1..25, shuffled
+    X = sps.csr_matrix(np.vstack([row, np.r_[row[:21], 0, 0, 0, 0], np.r_[np.ones(20), np.zeros(5)]]))
+    m = sp.pp.qc_metrics(X, [f"g{j}" for j in range(25)])
+    top21 = np.sort(row[:21])[-20:].sum()
+    np.testing.assert_allclose(m["pct_counts_in_top_20_genes"],
+                               [100 * sum(range(6, 26)) / 325, 100 * top21 / row[:21].sum(), 100])
+    assert "pct_counts_mt" not in m
 
 
 def test_zero_count_spots_fail_without_nan():
