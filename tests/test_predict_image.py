@@ -269,3 +269,13 @@ def test_model_without_recipe_is_refused(tmp_path):
     Image.fromarray(he_image()[0]).save(tmp_path / "s.png")
     with pytest.raises(InputError, match="no feature recipe"):
         predict_image(model, tmp_path / "s.png", progress=False)
+
+
+def test_help_lists_predict_image(capsys):
+    assert main(["--help"]) == 0
+    assert "predict-image" in capsys.readouterr().out
+    assert main(["predict-image", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--um-per-px", "--spacing-um", "--spot-um", "--grid", "--tissue-mask", "--genes", "--plot-dir",
+                   "--samples", "--overwrite"):
+        assert option in out
