@@ -24,6 +24,7 @@ Keys whose value is unknown are left out (h5ad cannot store ``None``).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -49,13 +50,24 @@ def plain(value):
 
 
 def read_recipe(adata, histology_key: str) -> dict | None:
-    """The recipe recorded with ``adata.obsm[histology_key]``, or ``None`` (vectors made otherwise)."""
+    """The recipe recorded with ``adata.obsm[histology_key]``, or ``None`` (vectors made otherwise,
+    or changed since: a recipe whose width differs from the vectors' is ignored with a warning)."""
     entry = adata.uns.get(histology_key)
     if not isinstance(entry, Mapping) or "recipe" not in entry:
         return None
     recipe = plain(entry["recipe"])
     if not isinstance(recipe, dict):
         raise InputError(f"adata.uns[{histology_key!r}]['recipe'] must be a mapping, got {type(recipe).__name__}")
+    width = np.shape(adata.obsm[histology_key])[1] if histology_key in adata.obsm else None
+    if width is not None and recipe.get("n_features", width) != width:
+        # the vectors were changed after extraction (columns selected, PCA...): the recipe no longer says how
+        warnings.warn(
+            f"adata.uns[{histology_key!r}]['recipe'] describes {recipe['n_features']} features but "
+            f"obsm[{histology_key!r}] has {width}: ignoring the recipe",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
     return recipe
 
 

@@ -99,6 +99,10 @@ def test_recipe_mismatch_is_refused_and_no_recipe_allowed(setup):
         model.get_latent(other, latent="x", encoder="histology")
     bare = ad.AnnData(obs=adata.obs[[]], obsm={"histology": adata.obsm["histology"]})  # no recipe: as before
     assert model.predict_expression(bare, num_samples=2).shape == (2, adata.n_obs, 12)
+    pca = adata.copy()  # vectors changed after extraction: the stale recipe is ignored, with a warning
+    pca.obsm["histology"] = pca.obsm["histology"][:, :10]
+    with pytest.warns(UserWarning, match="ignoring the recipe"):
+        assert read_recipe(pca, "histology") is None
     with pytest.raises(InputError, match="extractors"):
         check_recipe({"extractors": ["stats"]}, {"extractors": ["efficientnet_lite0", "stats"]})
 
@@ -269,3 +273,13 @@ def test_model_without_recipe_is_refused(tmp_path):
     Image.fromarray(he_image()[0]).save(tmp_path / "s.png")
     with pytest.raises(InputError, match="no feature recipe"):
         predict_image(model, tmp_path / "s.png", progress=False)
+
+
+def test_help_lists_predict_image(capsys):
+    assert main(["--help"]) == 0
+    assert "predict-image" in capsys.readouterr().out
+    assert main(["predict-image", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--um-per-px", "--spacing-um", "--spot-um", "--grid", "--tissue-mask", "--genes", "--plot-dir",
+                   "--samples", "--overwrite"):
+        assert option in out
