@@ -162,6 +162,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="obs columns SPARTHA/SpatialDIVA use as label sets; a column that is absent or has fewer than 2 classes "
         "on the training spots is left out (with a note). No keys: no labels",
     )
+    p.add_argument(
+        "--paired-reference", default=PAIRED_REFERENCE,
+        help="row compared with every other row in the paired statistics (block-bootstrap CIs, sign-flip tests)",
+    )
     p.add_argument("--block-size", type=float, default=4.0, help="side of the block-bootstrap tiles, in array grid units")
     p.add_argument("--n-boot", type=int, default=1000, help="block-bootstrap replicates per section")
     p.add_argument(
@@ -183,7 +187,7 @@ def check_inputs(args: argparse.Namespace, sections: list[str]) -> None:
         print(f"note: --extra-sections given but none of {list(EXTRA_METHODS)} in --methods", flush=True)
     root = Path(args.data)
     problems = []
-    if not cache_path(args, sections).is_file():
+    if cache_path(args, sections) is None:
         if not (root / "counts").is_dir():
             raise sp.InputError(f"--data {str(root)!r} is not a legacy-ST/her2st folder: it has no counts/ subfolder")
         for s in sections:
@@ -215,27 +219,43 @@ def crop_patches(adata: AnnData, size: int) -> np.ndarray:
     return out
 
 
-def cache_path(args: argparse.Namespace, sections: list[str]) -> Path:
-    """The prepared .h5ad of these sections (outer gene join: each split picks its genes)."""
-    return Path(args.cache) / f"her2st_{'-'.join(sorted(sections))}_outer_features_p{args.patch_size}.h5ad"
+def cache_path(args: argparse.Namespace, sections: list[str], extractors=None) -> Path | None:
+    """The prepared .h5ad of these sections (outer gene join: each split picks its genes) with
+    the feature ``extractors``; without ``extractors``, an existing cache holding every block
+    or else the blocks ``--features`` needs (None when neither exists)."""
+    def path(names):
+        tag = "" if set(names) == set(BLOCKS.values()) else "_" + "+".join(sorted(names))
+        return Path(args.cache) / f"her2st_{'-'.join(sorted(sections))}_outer_features{tag}_p{args.patch_size}.h5ad"
+
+    if extractors is not None:
+        return path(extractors)
+    return next((f for f in (path(BLOCKS.values()), path(needed_extractors(args))) if f.is_file()), None)
+
+
+def needed_extractors(args: argparse.Namespace) -> list[str]:
+    """The feature extractors ``--features`` uses (the neighbour means come with each)."""
+    return [n for n in BLOCKS.values() if n in feature_blocks(args.features)]
 
 
 def prepare(args: argparse.Namespace, sections: list[str]) -> AnnData:
     """Read the sections (OUTER gene join, ``varm["measured"]`` records each table's genes:
     every split then keeps the genes of its training tables only), annotate QC (5 MADs per
-    slide), compute every feature block with its grid-neighbour mean and the HisToGene
-    patches; cached as .h5ad."""
+    slide), compute the feature blocks ``--features`` needs with their grid-neighbour means
+    and the HisToGene patches; cached as .h5ad (a cache holding every block serves any
+    ``--features``)."""
     cache = cache_path(args, sections)
-    if cache.is_file():
+    if cache is not None:
         adata = read_h5ad(cache)
         if "cell_type" not in adata.obs and "deconv_major" in adata.obsm:  # caches written before read_her2st added it
             adata.obs["cell_type"] = dominant_cell_type(adata.obsm["deconv_major"])
         return adata
     adata = read_her2st(args.data, sections=sections, join="outer")
     sp.pp.annotate_qc(adata, batch_key="slide", nmads=5)
-    sp.pp.histology_features(adata, list(BLOCKS.values()), key_added="features", neighbors=True, progress=False)
+    extractors = needed_extractors(args)
+    sp.pp.histology_features(adata, extractors, key_added="features", neighbors=True, progress=False)
     adata.obsm["patches"] = crop_patches(adata, args.patch_size)
     adata.uns.pop("spatial", None)  # images are not needed after preparation
+    cache = cache_path(args, sections, extractors)
     cache.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(cache)
     return adata
@@ -627,7 +647,7 @@ def run_tasks(tasks: list[tuple], shared: tuple, jobs: int):
 
 
 def paired_statistics(results: list[dict], records: list[dict], adata: AnnData, splits, args) -> list[dict]:
-    """Paired comparisons of :data:`PAIRED_REFERENCE` with every other row that has the same
+    """Paired comparisons of ``--paired-reference`` (default :data:`PAIRED_REFERENCE`) with every other row that has the same
     kind of score, as records whose ``method`` is ``"<reference>_vs_<row>"``:
 
     - per ``(section, seed)``, a spatial block-bootstrap CI of the difference in mean per-gene
@@ -641,7 +661,7 @@ def paired_statistics(results: list[dict], records: list[dict], adata: AnnData, 
       on the energy distance) and ``..._p_value_less``, ``n_sections``. With 5 sections the
       smallest two-sided p is 0.0625 and the smallest one-sided 0.03125.
     """
-    ref = PAIRED_REFERENCE
+    ref = args.paired_reference
     runs = {(r["context"]["section"], r["context"]["seed"], row): sc for r in results for row, sc in r["rows"].items() if sc}
     contexts = {(r["context"]["section"], r["context"]["seed"]): r["context"] for r in results}
     observed = {}
@@ -651,7 +671,8 @@ def paired_statistics(results: list[dict], records: list[dict], adata: AnnData, 
         observed[test_section] = (pd.Index(genes), normalize_log1p(test.X))
     out = []
     base = {"features": args.features, "train_genes": args.train_genes}
-    others = sorted({row for (_, _, row) in runs if row not in (ref, "spartha_pass")}, key=lambda r: ROWS.index(r) if r in ROWS else 99)
+    skip = {ref, "spartha_pass"} if ref == "spartha" else {ref}  # spartha_pass is the same trained model
+    others = sorted({row for (_, _, row) in runs if row not in skip}, key=lambda r: ROWS.index(r) if r in ROWS else 99)
     for (section, seed), ctx in contexts.items():
         a = runs.get((section, seed, ref))
         if a is None:
@@ -681,7 +702,7 @@ def paired_statistics(results: list[dict], records: list[dict], adata: AnnData, 
     if not df.empty:
         wide = df.pivot_table(index=["section", "seed", "metric"], columns="method", values="value", aggfunc="mean")
         if ref in wide:
-            for other in [c for c in wide.columns if c not in (ref, "spartha_pass", "observed")]:
+            for other in [c for c in wide.columns if c not in skip | {"observed"}]:
                 d = (wide[ref] - wide[other]).dropna()
                 out += [
                     {"method": f"{ref}_vs_{other}", "section": sec, "seed": int(seed), "panel": "qc", "metric": f"{m}_diff", "value": float(v), **base}
@@ -735,10 +756,15 @@ def print_paired(stats: list[dict]) -> None:
     df = pd.DataFrame(stats)
     if df.empty:
         return
-    tests = df[df["section"] == "all"]
+    tests = df[(df["section"] == "all") & (df["metric"] != "n_sections")].copy()
     if not tests.empty:
-        t = tests.pivot_table(index=["method", "panel"], columns="metric", values="value", aggfunc="first")
-        print("\npaired over sections (reference minus row; sign-flip p-values; 'greater' = reference better)")
+        split = tests["metric"].str.extract(r"^(?P<score>.+_diff)_(?P<stat>mean|p_value(?:_greater|_less)?)$")
+        tests = tests.assign(score=split["score"], stat=split["stat"])
+        t = tests.pivot_table(index=["method", "panel", "score"], columns="stat", values="value", aggfunc="first")
+        t = t[[c for c in ("mean", "p_value", "p_value_greater", "p_value_less") if c in t]]
+        n = int(df.loc[df["metric"] == "n_sections", "value"].max())
+        print(f"\npaired over {n} sections (reference minus row, mean over sections; sign-flip p-values: two-sided, "
+              "'greater' = reference better, i.e. higher PCC/QCPR or lower energy distance)")
         print(t.round(4).to_string())
     ci = df[(df["section"] != "all") & df["metric"].str.startswith("pcc_gene_diff")]
     if not ci.empty:
@@ -797,11 +823,16 @@ def main(argv=None) -> list[dict]:
     Path(args.out).write_text(json.dumps(records, indent=1))
     write_scores(Path(args.out).with_suffix(".npz"), results, args.save_predictions)
     methods = [r for r in ROWS if any(x["method"] == r for x in records)]
-    print(format_table(records, panels=PANELS, methods=methods, qc_metrics=("qcpr3", "qcpr4", "qcpr5", "qc_energy_distance")))
+    predictors = [m for m in methods if m not in QC_REFERENCES]
+    print(format_table(records, panels=PANELS, methods=predictors, qc_metrics=()))
+    if any(r["metric"] == "qcpr3" for r in records):
+        print("\nQC of generated spots vs the real held-out spots (observed: the real spots themselves; constant: "
+              "training-mean profile + Poisson; energy distance: lower is better)")
+        print(format_table(records, panels=(), methods=methods, qc_metrics=("qcpr3", "qcpr4", "qcpr5", "qc_energy_distance")))
     print_paired(paired)
     if any(r["metric"] in CALIBRATION for r in records):
         print("\ncalibration of the predictive distributions (ridge and mean: NB around the point prediction)")
-        print(format_table(records, panels=PANELS[1:], metrics=CALIBRATION, qc_metrics=(), methods=methods))
+        print(format_table(records, panels=PANELS[1:], metrics=CALIBRATION, qc_metrics=(), methods=predictors))
     if probes:
         mean_probe = xr.concat(probes, "run", coords="minimal", compat="override").mean("run").rename("balanced_accuracy")
         print("\nprobe matrix (balanced accuracy, held-out spots, mean over seeds/sections)")
