@@ -6,12 +6,36 @@ Methods: ``spartha`` (SPARTHA, point metrics from ``artifact="posterior"``),
 ``mean``. Each is trained on the training sections and predicts each held-out section from
 histology alone (an AnnData with no genes and only ``obsm["histology"]``).
 
-Scoring space: log1p of counts normalised to 10,000 per spot over ALL genes shared by the
-sections, then subset to a panel: ``all``, ``hvg`` (top 2,500 of the training sections),
-``top250`` (highest mean on the training sections) and ``hist2st_785`` (the field's panel).
-The generative models are scored by their posterior predictive mean in that space, the mean
-over draws of ``normalize_log1p(sampled counts)``; QCPR (3/4/5 MADs against the real spots
-of the section) is computed on the same draws.
+Data: any folder in the her2st/legacy-ST layout (``counts/<S>.tsv.gz``,
+``spots/<S>_selection.tsv``, ``images/<S>.jpg``; any organism's gene names). Clusters
+(``--label-keys``, used only where present with 2+ classes), deconvolution and
+``genes/hist2st_785.txt`` are optional; what a run truly needs is checked before the features
+are extracted. Sections are read with an outer gene join and each split's gene universe is the
+genes of its TRAINING sections' tables (a gene missing from the test section's table is zero
+there); panels are chosen on the training spots.
+
+Scoring space: log1p of counts normalised to 10,000 per spot over every gene of the split's
+universe, then subset to a panel: ``all``, ``hvg`` (top 2,500 of the training sections),
+``top250`` (highest mean on the training sections) and ``hist2st_785`` (the field's panel,
+when its file exists). The generative models are scored by their posterior predictive mean in
+that space, the mean over draws of ``normalize_log1p(sampled counts)``; QCPR (3/4/5 MADs
+against the real spots of the section) and the QC fidelity ``qc_energy_distance`` (energy
+distance between the QC-metric distributions of generated and real spots,
+:func:`~spartha_pyro.metrics.qc_fidelity`; lower is better) are computed on the first
+``--sample-chunk`` draws. Beside them, always: ``observed`` (the real held-out spots scored
+against their own MADs) and ``constant`` (the training-mean profile with Poisson noise at each
+real spot's library, a bland generator that QCPR rewards and the fidelity does not).
+``qc_n_mt_genes`` records how many ``MT-``/``mt-`` genes the QC saw (her2st's tables have
+none, so the mitochondrial criterion is off there; the run says so).
+
+Paired statistics (``"<reference>_vs_<row>"`` records, reference ``--paired-reference``,
+default ``spartha``): per held-out section and seed a spatial block-bootstrap CI of the per-gene
+PCC difference on each panel (``pcc_gene_diff_ci_low|high``; tiles of ``--block-size`` array
+units, ``--n-boot`` replicates) and the QC score differences; with two or more held-out
+sections (``--loso``) sign-flip permutation tests over sections (``..._p_value`` two-sided,
+``..._p_value_greater`` = the reference is better). With five sections the smallest two-sided
+p is 0.0625, one-sided 0.03125. Per-gene and per-spot PCC of every run go to a compressed
+``.npz`` beside ``--out`` (``--save-predictions`` adds the point predictions).
 
 With ``--train-genes panels`` (default, fast) the generative models are trained on the union
 of the panels plus one ``__rest__`` column holding each spot's remaining counts, so that the
@@ -36,9 +60,9 @@ predictions, library = the median training library).
 ``spartha_all_sections`` (SPARTHA trained on the imaged training sections plus those, cluster
 labels; their histology rows are NaN) and ``spartha_all_sections_3labels`` (also the
 pathology and dominant deconvolved cell-type labels), for ``--extra-epochs`` epochs. Every
-method of such a run is scored on the genes shared by ALL sections read (an unmeasured gene
-is not a zero). The disentanglement probe matrix of
-SPARTHA's latents (full guide, training sections) versus cluster, slide and QC is scored on
+method of such a run is scored on genes in every count-only section's table and every
+training section's table (an unmeasured gene is not a zero). The disentanglement probe matrix of
+SPARTHA's latents (full guide, training sections) versus its labels, slide and QC is scored on
 held-out spots and drawn with :func:`spartha_pyro.pl.probe_heatmap`. ``--loso`` holds out every
 section in turn. The (method × seed × split) runs go to ``--jobs`` processes (default: one
 per CPU core on CPU; the models are too small for intra-op threads to pay).
