@@ -6,12 +6,36 @@ Methods: ``spartha`` (SPARTHA, point metrics from ``artifact="posterior"``),
 ``mean``. Each is trained on the training sections and predicts each held-out section from
 histology alone (an AnnData with no genes and only ``obsm["histology"]``).
 
-Scoring space: log1p of counts normalised to 10,000 per spot over ALL genes shared by the
-sections, then subset to a panel: ``all``, ``hvg`` (top 2,500 of the training sections),
-``top250`` (highest mean on the training sections) and ``hist2st_785`` (the field's panel).
-The generative models are scored by their posterior predictive mean in that space, the mean
-over draws of ``normalize_log1p(sampled counts)``; QCPR (3/4/5 MADs against the real spots
-of the section) is computed on the same draws.
+Data: any folder in the her2st/legacy-ST layout (``counts/<S>.tsv.gz``,
+``spots/<S>_selection.tsv``, ``images/<S>.jpg``; any organism's gene names). Clusters
+(``--label-keys``, used only where present with 2+ classes), deconvolution and
+``genes/hist2st_785.txt`` are optional; what a run truly needs is checked before the features
+are extracted. Sections are read with an outer gene join and each split's gene universe is the
+genes of its TRAINING sections' tables (a gene missing from the test section's table is zero
+there); panels are chosen on the training spots.
+
+Scoring space: log1p of counts normalised to 10,000 per spot over every gene of the split's
+universe, then subset to a panel: ``all``, ``hvg`` (top 2,500 of the training sections),
+``top250`` (highest mean on the training sections) and ``hist2st_785`` (the field's panel,
+when its file exists). The generative models are scored by their posterior predictive mean in
+that space, the mean over draws of ``normalize_log1p(sampled counts)``; QCPR (3/4/5 MADs
+against the real spots of the section) and the QC fidelity ``qc_energy_distance`` (energy
+distance between the QC-metric distributions of generated and real spots,
+:func:`~spartha_pyro.metrics.qc_fidelity`; lower is better) are computed on the first
+``--sample-chunk`` draws. Beside them, always: ``observed`` (the real held-out spots scored
+against their own MADs) and ``constant`` (the training-mean profile with Poisson noise at each
+real spot's library, a bland generator that QCPR rewards and the fidelity does not).
+``qc_n_mt_genes`` records how many ``MT-``/``mt-`` genes the QC saw (her2st's tables have
+none, so the mitochondrial criterion is off there; the run says so).
+
+Paired statistics (``"<reference>_vs_<row>"`` records, reference ``--paired-reference``,
+default ``spartha``): per held-out section and seed a spatial block-bootstrap CI of the per-gene
+PCC difference on each panel (``pcc_gene_diff_ci_low|high``; tiles of ``--block-size`` array
+units, ``--n-boot`` replicates) and the QC score differences; with two or more held-out
+sections (``--loso``) sign-flip permutation tests over sections (``..._p_value`` two-sided,
+``..._p_value_greater`` = the reference is better). With five sections the smallest two-sided
+p is 0.0625, one-sided 0.03125. Per-gene and per-spot PCC of every run go to a compressed
+``.npz`` beside ``--out`` (``--save-predictions`` adds the point predictions).
 
 With ``--train-genes panels`` (default, fast) the generative models are trained on the union
 of the panels plus one ``__rest__`` column holding each spot's remaining counts, so that the
@@ -36,9 +60,9 @@ predictions, library = the median training library).
 ``spartha_all_sections`` (SPARTHA trained on the imaged training sections plus those, cluster
 labels; their histology rows are NaN) and ``spartha_all_sections_3labels`` (also the
 pathology and dominant deconvolved cell-type labels), for ``--extra-epochs`` epochs. Every
-method of such a run is scored on the genes shared by ALL sections read (an unmeasured gene
-is not a zero). The disentanglement probe matrix of
-SPARTHA's latents (full guide, training sections) versus cluster, slide and QC is scored on
+method of such a run is scored on genes in every count-only section's table and every
+training section's table (an unmeasured gene is not a zero). The disentanglement probe matrix of
+SPARTHA's latents (full guide, training sections) versus its labels, slide and QC is scored on
 held-out spots and drawn with :func:`spartha_pyro.pl.probe_heatmap`. ``--loso`` holds out every
 section in turn. The (method × seed × split) runs go to ``--jobs`` processes (default: one
 per CPU core on CPU; the models are too small for intra-op threads to pay).
@@ -74,7 +98,22 @@ from sklearn.preprocessing import StandardScaler  # noqa: E402
 import spartha_pyro as sp  # noqa: E402
 from spartha_pyro.baselines import HisToGene, MeanPredictor, NBWrapper, RidgePredictor  # noqa: E402
 from spartha_pyro.datasets.her2st import HER2ST_IMAGED, HER2ST_SECTIONS, dominant_cell_type, read_her2st  # noqa: E402
-from spartha_pyro.metrics import calibration_records, format_table, hvg_panel, normalize_log1p, probe_matrix, qcpr, regression_metrics  # noqa: E402
+from spartha_pyro.metrics import (  # noqa: E402
+    block_bootstrap_ci,
+    calibration_records,
+    constant_profile_counts,
+    format_table,
+    hvg_panel,
+    normalize_log1p,
+    paired_sign_flip_test,
+    pcc_gene,
+    pcc_spot,
+    probe_matrix,
+    qc_fidelity,
+    qcpr,
+    regression_metrics,
+)
+from spartha_pyro.pp.qc import mito_mask  # noqa: E402
 from spartha_pyro.pp.patches import iter_patches  # noqa: E402
 from spartha_pyro.train import resolve_device  # noqa: E402
 
@@ -82,8 +121,17 @@ from spartha_pyro.train import resolve_device  # noqa: E402
 #: cluster + pathology + dominant deconvolved cell type
 EXTRA_METHODS = {"spartha_all_sections": ["cluster"], "spartha_all_sections_3labels": ["cluster", "pathology", "cell_type"]}
 METHODS = ("spartha", "spatialdiva", "histogene", "ridge", "mean", *EXTRA_METHODS)
+#: methods that generate counts (and so get QCPR and the QC fidelity score)
+GENERATIVE = ("spartha", "spatialdiva", *EXTRA_METHODS)
+#: QC references added whenever a generative method runs: the real held-out spots scored
+#: against their own MADs, and the training-mean profile with Poisson noise at each real spot's library
+QC_REFERENCES = ("observed", "constant")
 #: table rows; ``spartha_pass`` comes from the ``spartha`` model
-ROWS = ("spartha", "spartha_pass", *EXTRA_METHODS, "spatialdiva", "histogene", "ridge", "mean")
+ROWS = ("spartha", "spartha_pass", *EXTRA_METHODS, "spatialdiva", "histogene", "ridge", "mean", *QC_REFERENCES)
+#: the row every other row is compared with in the paired statistics
+PAIRED_REFERENCE = "spartha"
+#: metrics compared between methods per section (the per-gene PCC on each panel and these QC scores)
+PAIRED_QC = ("qcpr3", "qcpr4", "qcpr5", "qc_energy_distance")
 PANELS = ("all", "hvg", "top250", "hist2st_785")
 #: short names of the feature blocks computed once and cached
 BLOCKS = {"lite0": "efficientnet_lite0", "stats": "stats"}
@@ -104,8 +152,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--label-keys", nargs="*", default=["cluster"],
-        help="label sets of spartha/spatialdiva: obs columns, 'auto' (clusters of the training expression, the "
-        "library's default), or nothing (no label set)",
+        help="label sets of spartha/spatialdiva: obs columns (one absent or with fewer than 2 classes on the "
+        "training spots is left out, with a note), 'auto' (clusters of the training expression, the library's "
+        "default), or nothing (no label set)",
     )
     p.add_argument("--loso", action="store_true", help="hold out each section in turn (train on the others)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -139,7 +188,48 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache", default="benchmarks/cache", help="folder for the prepared .h5ad")
     p.add_argument("--out", default="results_her2st.json")
     p.add_argument("--plot-dir", default=None, help="folder for the probe heatmap(s) and matrices")
+    p.add_argument(
+        "--paired-reference", default=PAIRED_REFERENCE,
+        help="row compared with every other row in the paired statistics (block-bootstrap CIs, sign-flip tests)",
+    )
+    p.add_argument("--block-size", type=float, default=4.0, help="side of the block-bootstrap tiles, in array grid units")
+    p.add_argument("--n-boot", type=int, default=1000, help="block-bootstrap replicates per section")
+    p.add_argument(
+        "--save-predictions", action="store_true",
+        help="also store every point prediction (float16) in the .npz beside --out (large); per-gene and per-spot "
+        "scores are always stored there",
+    )
     return p.parse_args(argv)
+
+
+def check_inputs(args: argparse.Namespace, sections: list[str]) -> None:
+    """Fail early, before minutes of feature extraction, on what the run truly needs: a
+    valid ``--features`` spec and, unless the prepared cache exists, a legacy-ST folder with a
+    counts table, a spot file and an image for every section (and counts + spot files for
+    ``--extra-sections``). Optional extras (``genes/hist2st_785.txt``, ``clusters/``,
+    ``deconvolution/``, ``pathology/``) are used only when present."""
+    feature_blocks(args.features)
+    if args.extra_sections and not any(m in EXTRA_METHODS for m in args.methods):
+        print(f"note: --extra-sections given but none of {list(EXTRA_METHODS)} in --methods", flush=True)
+    root = Path(args.data)
+    problems = []
+    if cache_path(args, sections) is None:
+        if not (root / "counts").is_dir():
+            raise sp.InputError(f"--data {str(root)!r} is not a legacy-ST/her2st folder: it has no counts/ subfolder")
+        for s in sections:
+            if not (root / "counts" / f"{s}.tsv.gz").is_file():
+                problems.append(f"counts/{s}.tsv.gz")
+            if not (root / "spots" / f"{s}_selection.tsv").is_file():
+                problems.append(f"spots/{s}_selection.tsv")
+            if not any((root / "images" / f"{s}{ext}").is_file() for ext in (".jpg", "_lowres.png")):
+                problems.append(f"images/{s}.jpg (histology features need an image of every train/test section)")
+    if args.extra_sections and args.extra_sections != ["all"]:
+        for s in args.extra_sections:
+            for f in (f"counts/{s}.tsv.gz", f"spots/{s}_selection.tsv"):
+                if not (root / f).is_file():
+                    problems.append(f)
+    if problems:
+        raise sp.InputError(f"missing in {str(root)!r}: " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------- data
@@ -155,20 +245,43 @@ def crop_patches(adata: AnnData, size: int) -> np.ndarray:
     return out
 
 
+def cache_path(args: argparse.Namespace, sections: list[str], extractors=None) -> Path | None:
+    """The prepared .h5ad of these sections (outer gene join: each split picks its genes) with
+    the feature ``extractors``; without ``extractors``, an existing cache holding every block
+    or else the blocks ``--features`` needs (None when neither exists)."""
+    def path(names):
+        tag = "" if set(names) == set(BLOCKS.values()) else "_" + "+".join(sorted(names))
+        return Path(args.cache) / f"her2st_{'-'.join(sorted(sections))}_outer_features{tag}_p{args.patch_size}.h5ad"
+
+    if extractors is not None:
+        return path(extractors)
+    return next((f for f in (path(BLOCKS.values()), path(needed_extractors(args))) if f.is_file()), None)
+
+
+def needed_extractors(args: argparse.Namespace) -> list[str]:
+    """The feature extractors ``--features`` uses (the neighbour means come with each)."""
+    return [n for n in BLOCKS.values() if n in feature_blocks(args.features)]
+
+
 def prepare(args: argparse.Namespace, sections: list[str]) -> AnnData:
-    """Read the sections (inner gene join), annotate QC (5 MADs per slide), compute every
-    feature block with its grid-neighbour mean and the HisToGene patches; cached as .h5ad."""
-    cache = Path(args.cache) / f"her2st_{'-'.join(sorted(sections))}_features_p{args.patch_size}.h5ad"
-    if cache.is_file():
+    """Read the sections (OUTER gene join, ``varm["measured"]`` records each table's genes:
+    every split then keeps the genes of its training tables only), annotate QC (5 MADs per
+    slide), compute the feature blocks ``--features`` needs with their grid-neighbour means
+    and the HisToGene patches; cached as .h5ad (a cache holding every block serves any
+    ``--features``)."""
+    cache = cache_path(args, sections)
+    if cache is not None:
         adata = read_h5ad(cache)
-        if "cell_type" not in adata.obs:  # caches written before read_her2st added it
+        if "cell_type" not in adata.obs and "deconv_major" in adata.obsm:  # caches written before read_her2st added it
             adata.obs["cell_type"] = dominant_cell_type(adata.obsm["deconv_major"])
         return adata
-    adata = read_her2st(args.data, sections=sections, join="inner")
+    adata = read_her2st(args.data, sections=sections, join="outer")
     sp.pp.annotate_qc(adata, batch_key="slide", nmads=5)
-    sp.pp.histology_features(adata, list(BLOCKS.values()), key_added="features", neighbors=True, progress=False)
+    extractors = needed_extractors(args)
+    sp.pp.histology_features(adata, extractors, key_added="features", neighbors=True, progress=False)
     adata.obsm["patches"] = crop_patches(adata, args.patch_size)
     adata.uns.pop("spatial", None)  # images are not needed after preparation
+    cache = cache_path(args, sections, extractors)
     cache.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(cache)
     return adata
@@ -192,39 +305,51 @@ def prepare_extra(args: argparse.Namespace, imaged: AnnData) -> tuple[AnnData, A
     return imaged[:, genes].copy(), counts_only[:, genes].copy()
 
 
-def select_features(adata: AnnData, spec: str) -> np.ndarray:
-    """Columns of ``obsm["features"]`` named by ``spec``, e.g. ``"lite0+stats+nbr"``."""
+def feature_blocks(spec: str) -> list[str]:
+    """Names of the ``obsm["features"]`` blocks that ``spec`` (e.g. ``"lite0+stats+nbr"``) selects."""
     parts = spec.split("+")
     names = [BLOCKS.get(p) for p in parts if p != "nbr"]
     if not names or None in names:
         raise sp.InputError(f"--features must join blocks among {list(BLOCKS)} (and 'nbr') with '+', got {spec!r}")
     if "nbr" in parts:
         names += [f"{n}_neighbors" for n in names]
+    return names
+
+
+def select_features(adata: AnnData, spec: str) -> np.ndarray:
+    """Columns of ``obsm["features"]`` named by ``spec``, e.g. ``"lite0+stats+nbr"``."""
+    names = feature_blocks(spec)
     columns = adata.uns["features"]["columns"]
     return np.concatenate([adata.obsm["features"][:, slice(*columns[n])] for n in names], axis=1)
 
 
 def gene_panels(train: AnnData, args: argparse.Namespace) -> dict[str, list[str] | None]:
-    """Panels chosen on the training sections (and the published ``hist2st_785`` list)."""
+    """Panels chosen on the training sections (and the published ``hist2st_785`` list, only
+    when ``genes/hist2st_785.txt`` exists in ``--data``)."""
     mean = np.asarray(normalize_log1p(train.X).mean(0)).ravel()
-    hist2st = Path(args.data, "genes", "hist2st_785.txt").read_text().split()
-    return {
+    panels = {
         "all": None,
         "hvg": hvg_panel(train, n_top=args.n_hvg),
         "top250": list(train.var_names[np.argsort(-mean)[: args.n_top_mean]]),
-        "hist2st_785": [g for g in hist2st if g in set(train.var_names)],
     }
+    file = Path(args.data, "genes", "hist2st_785.txt")
+    if file.is_file():
+        known = set(train.var_names)
+        panels["hist2st_785"] = [g for g in file.read_text().split() if g in known]
+    return panels
 
 
 def modelled_genes(adata: AnnData, panels: dict, train_genes: str) -> AnnData:
     """``adata`` restricted to the genes a generative model is trained on.
 
-    ``"panels"``: the union of the named panels plus a ``__rest__`` column with the
-    remaining counts of each spot (so library sizes stay those of the full transcriptome).
+    ``"panels"``: the union of the named panels and the mitochondrial (``MT-``/``mt-``)
+    genes (so that QCPR's mitochondrial criterion can work), plus a ``__rest__`` column with
+    the remaining counts of each spot (so library sizes stay those of the full transcriptome).
     """
     if train_genes == "all":
         return adata
-    genes = list(dict.fromkeys(g for p in panels.values() if p is not None for g in p))
+    mito = list(adata.var_names[mito_mask(adata.var_names)])
+    genes = list(dict.fromkeys([*(g for p in panels.values() if p is not None for g in p), *mito]))
     keep = adata.var_names.get_indexer(genes)
     rest = np.asarray(adata.X.sum(1)).ravel() - np.asarray(adata[:, keep].X.sum(1)).ravel()
     X = sparse.hstack([adata.X[:, keep], sparse.csr_matrix(rest[:, None])], format="csr", dtype=np.float32)
@@ -234,14 +359,20 @@ def modelled_genes(adata: AnnData, panels: dict, train_genes: str) -> AnnData:
 
 
 # ---------------------------------------------------------------------------- methods
+def usable_labels(train: AnnData, keys) -> list[str]:
+    """The label columns among ``keys`` that exist and have at least 2 classes on ``train``."""
+    return [k for k in keys if k in train.obs and train.obs[k].dropna().astype(str).nunique() >= 2]
+
+
 def train_spartha(method: str, train: AnnData, args, seed: int, validation: str | None, label_keys=None, epochs=None) -> sp.SPARTHA:
     """SPARTHA (``artifact_latent`` unless ``"spatialdiva"``) with ``label_keys`` (default
-    ``--label-keys``). ``validation="auto"``: the library's default (early stopping on the
-    last training section, then a refit on all of them); a section: early-stopped on it, with
-    ``--refit`` retrained on every training section for the chosen number of epochs;
-    ``None``: trained on every training section for ``epochs`` (default ``--epochs``) epochs."""
-    if label_keys is None:
-        label_keys = "auto" if args.label_keys == ["auto"] else list(args.label_keys)
+    ``--label-keys``: the usable columns, or ``auto``). ``validation="auto"``: the library's
+    default (early stopping on the last training section, then a refit on all of them); a
+    section: early-stopped on it, with ``--refit`` retrained on every training section for the
+    chosen number of epochs; ``None``: trained on every training section for ``epochs``
+    (default ``--epochs``) epochs."""
+    keys = args.label_keys if label_keys is None else label_keys
+    label_keys = "auto" if list(keys) == ["auto"] else usable_labels(train, keys)
 
     def fit(validation_sections, epochs):
         model = sp.SPARTHA(
@@ -323,15 +454,17 @@ def pca_histology(train: AnnData, test: AnnData, n_components: int) -> tuple[Ann
 
 def probe(model: sp.SPARTHA, seed: int) -> xr.DataArray:
     """Balanced accuracy of linear probes from each SPARTHA latent (full guide, the spots of
-    the training sections that have a cluster label) to cluster, slide and QC, fit on 70% of
-    the spots, scored on the other 30%."""
+    the training sections with every label of the model) to its labels, slide and QC, fit on
+    70% of the spots, scored on the other 30%."""
     adata, dims = model.adata, model.module.model.dims
-    labelled = adata.obs["cluster"].notna().to_numpy()
+    keys = list(model.registry.label_keys)
+    labelled = adata.obs[keys].notna().all(1).to_numpy() if keys else np.ones(adata.n_obs, dtype=bool)
     latents = {
-        f"z_{k}": model.get_latent(latent=k)[labelled] for k in ("y", "d", "r", "x") if f"z_{k}" in dims or (k == "y" and "z_y0" in dims)
+        f"z_{k}": model.get_latent(latent=k)[labelled]
+        for k in ("y", "d", "r", "x") if (k == "y" and keys) or f"z_{k}" in dims
     }
     obs = adata.obs[labelled]
-    factors = {name: obs[col].astype(str).to_numpy() for name, col in (("cluster", "cluster"), ("slide", "slide"), ("qc", "qc_pass"))}
+    factors = {name: obs[col].astype(str).to_numpy() for name, col in ([(k, k) for k in keys] + [("slide", "slide"), ("qc", "qc_pass")])}
     n = int(labelled.sum())
     perm = np.random.default_rng(seed).permutation(n)
     cut = int(0.7 * n)
@@ -352,6 +485,8 @@ def run_method(method, train, test, panels, args, seed, validation, extra=None):
     prediction (spots × genes), genes, sampled counts or None, calibration draws or None)}``
     and, for SPARTHA, the probe matrix. Ridge and the mean get their calibration draws from
     an NB around them, fit on the modelled columns (as SPARTHA's)."""
+    if method in QC_REFERENCES:
+        return {method: (None, *qc_reference(method, train, test, panels, args, seed), None)}, None
     keep = ["histology", "patches"] if method == "histogene" else ["histology"]
     test_hist = AnnData(obs=test.obs[["slide", "array_x", "array_y"]].copy(), obsm={k: test.obsm[k] for k in keep})
     if method in ("mean", "ridge"):
@@ -378,22 +513,74 @@ def run_method(method, train, test, panels, args, seed, validation, extra=None):
     return out, probe(model, seed) if method == "spartha" else None
 
 
+def qc_reference(method: str, train: AnnData, test: AnnData, panels, args, seed: int) -> tuple[list[str], xr.DataArray]:
+    """Counts of a QC reference row on the genes the generative models are scored on (the
+    modelled columns, ``__rest__`` left out): ``"observed"`` = the real held-out spots
+    themselves (one "draw"); ``"constant"`` = the training-mean profile of the modelled
+    columns with Poisson noise at each real spot's library, ``--sample-chunk`` draws (as many
+    as the generative models' QCPR uses)."""
+    test_m = modelled_genes(test, panels, args.train_genes)
+    keep = [i for i, g in enumerate(test_m.var_names) if g != REST]
+    genes = [test_m.var_names[i] for i in keep]
+    if method == "observed":
+        counts = test_m.X[:, keep].toarray()[None] if sparse.issparse(test_m.X) else np.asarray(test_m.X)[None, :, keep]
+    else:
+        train_m = modelled_genes(train, panels, args.train_genes)
+        library = np.asarray(test.X.sum(1)).ravel()
+        counts = constant_profile_counts(train_m.X, library, n_samples=args.sample_chunk, seed=seed)[..., keep]
+    return genes, xr.DataArray(counts, dims=("sample", "spot", "gene"), coords={"gene": genes})
+
+
 # ---------------------------------------------------------------------------- main
-def score(pred, genes, counts, calibration, test, obs, panels, args, seed) -> list[dict]:
-    """Point metrics on every panel the prediction covers, QCPR from the sampled counts and
-    calibration scores (coverage, NB-mixture NLL, CRPS on log1p) from the calibration draws."""
+def stored_genes(panels: dict, var_names, train_genes: str) -> set[str]:
+    """Genes whose point predictions are kept for the paired block bootstrap: those of the
+    named panels, and every gene when the generative models are trained on all genes."""
+    keep = {g for v in panels.values() if v is not None for g in v}
+    return set(var_names) if train_genes == "all" else keep
+
+
+def score(pred, genes, counts, calibration, test, obs, panels, args, seed, reference: str | None = None) -> tuple[list[dict], dict]:
+    """Point metrics on every panel the prediction covers, QCPR and the QC fidelity (energy
+    distance of the QC metrics, :func:`~spartha_pyro.metrics.qc_fidelity`) from the sampled
+    counts, and calibration scores (coverage, NB-mixture NLL, CRPS on log1p) from the
+    calibration draws. ``reference="observed"``: the counts are the real spots themselves,
+    whose fidelity is 0 by construction and is not recorded.
+
+    Returns
+    -------
+    ``(records, scores)``; ``scores``: ``genes``, per-gene PCC ``pcc_gene`` (over the test
+    spots), per-spot PCC per covered panel ``pcc_spot``, and the point prediction on the
+    :func:`stored_genes` (``pred``, ``pred_genes``); empty without a point prediction.
+    """
     genes = pd.Index(genes)
     cols = test.var_names.get_indexer(genes)
-    covered = {k: v for k, v in panels.items() if (v is None and len(genes) == test.n_vars) or (v is not None and genes.isin(v).sum() == len(v))}
-    rows = regression_metrics(pred, obs[:, cols], panels=covered, var_names=genes).to_dict("records")
+    rows, scores = [], {}
+    if pred is not None:
+        pred = pred.toarray() if sparse.issparse(pred) else np.asarray(pred)
+        covered = {k: v for k, v in panels.items() if (v is None and len(genes) == test.n_vars) or (v is not None and genes.isin(v).sum() == len(v))}
+        o = obs[:, cols]
+        rows += regression_metrics(pred, o, panels=covered, var_names=genes).to_dict("records")
+        index = {k: slice(None) if v is None else genes.get_indexer(v) for k, v in covered.items()}
+        keep = genes.isin(list(stored_genes(panels, test.var_names, args.train_genes)))
+        scores = {
+            "genes": np.asarray(genes, dtype=str),
+            "pcc_gene": pcc_gene(pred, o, reduce=False).astype(np.float32),
+            "pcc_spot": {k: pcc_spot(pred[:, i], o[:, i], reduce=False).astype(np.float32) for k, i in index.items()},
+            "pred": pred[:, keep].astype(np.float32),
+            "pred_genes": np.asarray(genes[keep], dtype=str),
+        }
     if counts is not None:  # QC of the modelled genes (``__rest__`` left out) against the real spots
         generated = counts.sel(gene=list(genes)).values
-        rows += [{"panel": "qc", "metric": k, "value": v} for k, v in qcpr(generated, test.X[:, cols], genes).items()]
+        real = test.X[:, cols]
+        rows += [{"panel": "qc", "metric": k, "value": v} for k, v in qcpr(generated, real, genes).items()]
+        rows.append({"panel": "qc", "metric": "qc_n_mt_genes", "value": float(mito_mask(genes).sum())})
+        if reference != "observed":
+            rows.append({"panel": "qc", "metric": "qc_energy_distance", "value": qc_fidelity(generated, real, genes, seed=seed)})
     if calibration is not None:
         observed = modelled_genes(test, panels, args.train_genes)
         named = {k: v for k, v in panels.items() if v is not None}
         rows += calibration_records(*calibration, observed.X, panels=named, var_names=observed.var_names, seed=seed)
-    return rows
+    return rows, scores
 
 
 #: what every run reads: (every spot, the count-only spots or None, args); set once per process
@@ -411,36 +598,56 @@ def _init_worker(shared: tuple, threads: int) -> None:
     threadpool_limits(threads)
 
 
+def training_genes(adata: AnnData, train_sections) -> pd.Index:
+    """The gene universe of a split: genes in the count table of EVERY training section
+    (``varm["measured"]`` from the outer join; all genes when it is absent). A gene missing
+    from the test section's table is zero there, never a reason to drop it."""
+    if "measured" not in adata.varm:
+        return adata.var_names
+    measured = pd.DataFrame(adata.varm["measured"], index=adata.var_names)
+    cols = [s for s in train_sections if s in measured.columns]
+    return adata.var_names[measured[cols].to_numpy(dtype=bool).all(1)] if cols else adata.var_names
+
+
 @lru_cache(maxsize=1)  # runs are submitted grouped by split, so a process rarely prepares one twice
 def split_data(train_sections: tuple[str, ...], test_section: str) -> tuple[AnnData, AnnData, np.ndarray, dict]:
-    """Training spots, test spots, the test spots' log1p-normalised counts and the gene panels."""
+    """Training spots, test spots (both on the training tables' genes, :func:`training_genes`),
+    the test spots' log1p-normalised counts and the gene panels (from the training spots)."""
     adata, _, args = _SHARED
-    train = adata[adata.obs["slide"].isin(train_sections)].copy()
-    test = adata[adata.obs["slide"] == test_section].copy()
+    genes = training_genes(adata, train_sections)
+    train = adata[adata.obs["slide"].isin(train_sections).to_numpy(), genes].copy()
+    test = adata[(adata.obs["slide"] == test_section).to_numpy(), genes].copy()
     return train, test, normalize_log1p(test.X).toarray(), gene_panels(train, args)
 
 
-def run_task(task: tuple) -> tuple[list[dict], xr.DataArray | None]:
+def run_task(task: tuple) -> tuple[list[dict], xr.DataArray | None, dict]:
     """One ``(train sections, test section, validation, method, seed)`` run: trains, predicts
-    the test section from histology, scores it; returns its records and SPARTHA's probe."""
+    the test section from histology, scores it; returns its records, SPARTHA's probe and the
+    per-row scores of :func:`score` (with the test spots' names, coordinates and panels)."""
     _, extra, args = _SHARED
     train_sections, test_section, validation, method, seed = task
     train, test, obs, panels = split_data(train_sections, test_section)
     start = time.perf_counter()
     preds, probe_da = run_method(method, train, test, panels, args, seed, validation, extra)
     seconds = time.perf_counter() - start
-    records = []
+    records, scores = [], {}
     for row, (pred, genes, counts, calibration) in preds.items():
-        rows = score(pred, genes, counts, calibration, test, obs, panels, args, seed)
+        rows, scores[row] = score(pred, genes, counts, calibration, test, obs, panels, args, seed, reference=row if row in QC_REFERENCES else None)
         records += [
             {"method": row, "section": test_section, "seed": seed, "seconds": seconds,
              "features": args.features, "train_genes": args.train_genes, **r}
             for r in rows
         ]
         pcc = {r["panel"]: round(r["value"], 4) for r in rows if r["metric"] == "pcc_gene"}
+        qc = {r["metric"]: round(r["value"], 3) for r in rows if r["metric"] in ("qcpr3", "qc_energy_distance")}
         cov = {r["panel"]: round(r["value"], 3) for r in rows if r["metric"] == "coverage90"}
-        print(f"{row:12s} test={test_section} seed={seed} {seconds:7.1f}s pcc_gene={pcc} coverage90={cov}", flush=True)
-    return records, probe_da
+        print(f"{row:12s} test={test_section} seed={seed} {seconds:7.1f}s pcc_gene={pcc} coverage90={cov} {qc}", flush=True)
+    context = {
+        "section": test_section, "seed": seed, "spots": np.asarray(test.obs_names, dtype=str),
+        "coords": test.obs[["array_x", "array_y"]].to_numpy(dtype=np.float64),
+        "panels": {k: np.asarray(v, dtype=str) for k, v in panels.items() if v is not None},
+    }
+    return records, probe_da, {"context": context, "rows": scores}
 
 
 def n_jobs(jobs: int, device: str, n_tasks: int) -> int:
@@ -469,16 +676,152 @@ def run_tasks(tasks: list[tuple], shared: tuple, jobs: int):
             yield future.result()
 
 
+def paired_statistics(results: list[dict], records: list[dict], adata: AnnData, splits, args) -> list[dict]:
+    """Paired comparisons of ``--paired-reference`` (default :data:`PAIRED_REFERENCE`) with every other row that has the same
+    kind of score, as records whose ``method`` is ``"<reference>_vs_<row>"``:
+
+    - per ``(section, seed)``, a spatial block-bootstrap CI of the difference in mean per-gene
+      PCC on each panel both predictions cover (:func:`~spartha_pyro.metrics.block_bootstrap_ci`,
+      tiles of ``--block-size`` array units, ``--n-boot`` replicates): metrics
+      ``pcc_gene_diff``, ``pcc_gene_diff_ci_low``, ``pcc_gene_diff_ci_high``, ``n_blocks``;
+      and the differences of the QC scores (``qcpr3_diff``, ...);
+    - with at least two held-out sections, over sections (``section="all"``; each section's
+      difference averaged over seeds first): ``<metric>_diff_mean``, ``<metric>_diff_p_value``
+      (two-sided sign-flip test), ``..._p_value_greater`` (reference better on PCC/QCPR, worse
+      on the energy distance) and ``..._p_value_less``, ``n_sections``. With 5 sections the
+      smallest two-sided p is 0.0625 and the smallest one-sided 0.03125.
+    """
+    ref = args.paired_reference
+    runs = {(r["context"]["section"], r["context"]["seed"], row): sc for r in results for row, sc in r["rows"].items() if sc}
+    contexts = {(r["context"]["section"], r["context"]["seed"]): r["context"] for r in results}
+    observed = {}
+    for train_sections, test_section in splits:
+        genes = training_genes(adata, train_sections)
+        test = adata[(adata.obs["slide"] == test_section).to_numpy(), genes]
+        observed[test_section] = (pd.Index(genes), normalize_log1p(test.X))
+    out = []
+    base = {"features": args.features, "train_genes": args.train_genes}
+    skip = {ref, "spartha_pass"} if ref == "spartha" else {ref}  # spartha_pass is the same trained model
+    others = sorted({row for (_, _, row) in runs if row not in skip}, key=lambda r: ROWS.index(r) if r in ROWS else 99)
+    for (section, seed), ctx in contexts.items():
+        a = runs.get((section, seed, ref))
+        if a is None:
+            continue
+        genes_all, obs = observed[section]
+        panels = dict(ctx["panels"])
+        if args.train_genes == "all":
+            panels["all"] = np.asarray(genes_all, dtype=str)
+        for other in others:
+            b = runs.get((section, seed, other))
+            if b is None:
+                continue
+            name = f"{ref}_vs_{other}"
+            for panel, pg in panels.items():
+                ia, ib = pd.Index(a["pred_genes"]).get_indexer(pg), pd.Index(b["pred_genes"]).get_indexer(pg)
+                if (ia < 0).any() or (ib < 0).any():
+                    continue
+                o = obs[:, genes_all.get_indexer(pg)]
+                ci = block_bootstrap_ci(a["pred"][:, ia], b["pred"][:, ib], o, ctx["coords"], block_size=args.block_size, n_boot=args.n_boot, seed=seed)
+                out += [
+                    {"method": name, "section": section, "seed": seed, "panel": panel, "metric": m, "value": v, **base}
+                    for m, v in (("pcc_gene_diff", ci.estimate), ("pcc_gene_diff_ci_low", ci.ci_low),
+                                 ("pcc_gene_diff_ci_high", ci.ci_high), ("n_blocks", float(ci.n_blocks)))
+                ]
+    # QC score differences per (section, seed)
+    df = pd.DataFrame([r for r in records if r["metric"] in PAIRED_QC])
+    if not df.empty:
+        wide = df.pivot_table(index=["section", "seed", "metric"], columns="method", values="value", aggfunc="mean")
+        if ref in wide:
+            for other in [c for c in wide.columns if c not in skip | {"observed"}]:
+                d = (wide[ref] - wide[other]).dropna()
+                out += [
+                    {"method": f"{ref}_vs_{other}", "section": sec, "seed": int(seed), "panel": "qc", "metric": f"{m}_diff", "value": float(v), **base}
+                    for (sec, seed, m), v in d.items()
+                ]
+    # sign-flip tests over sections
+    diffs = pd.DataFrame([r for r in out if r["metric"].endswith("_diff")])
+    tests = []
+    if not diffs.empty:
+        per_section = diffs.groupby(["method", "panel", "metric", "section"])["value"].mean()
+        for (method, panel, metric), v in per_section.groupby(level=[0, 1, 2]):
+            if len(v) < 2:
+                continue
+            # "greater" = the reference is better: higher PCC / QCPR, lower energy distance
+            sign = -1.0 if metric.startswith("qc_energy_distance") else 1.0
+            res = {alt: paired_sign_flip_test(sign * v.to_numpy(), alt) for alt in ("two-sided", "greater", "less")}
+            tests += [
+                {"method": method, "section": "all", "seed": None, "panel": panel, "metric": m, "value": float(x), **base}
+                for m, x in ((f"{metric}_mean", v.mean()), (f"{metric}_p_value", res["two-sided"].p_value),
+                             (f"{metric}_p_value_greater", res["greater"].p_value),
+                             (f"{metric}_p_value_less", res["less"].p_value), ("n_sections", float(len(v))))
+            ]
+    return out + tests
+
+
+def write_scores(path: Path, results: list[dict], save_predictions: bool) -> None:
+    """Per-gene and per-spot scores of every run (and, optionally, the point predictions) in
+    one compressed ``.npz``: ``spots/<section>``, ``coords/<section>``,
+    ``panel/<section>/<panel>``, ``genes|pcc_gene/<row>/<section>/<seed>``,
+    ``pcc_spot/<row>/<section>/<seed>/<panel>``, with ``--save-predictions``
+    ``pred|pred_genes/<row>/<section>/<seed>`` (float16, log1p counts per 10,000)."""
+    arrays = {}
+    for r in results:
+        ctx = r["context"]
+        sec, seed = ctx["section"], ctx["seed"]
+        arrays[f"spots/{sec}"], arrays[f"coords/{sec}"] = ctx["spots"], ctx["coords"]
+        arrays.update({f"panel/{sec}/{k}": v for k, v in ctx["panels"].items()})
+        for row, sc in r["rows"].items():
+            if not sc:
+                continue
+            key = f"{row}/{sec}/{seed}"
+            arrays[f"genes/{key}"], arrays[f"pcc_gene/{key}"] = sc["genes"], sc["pcc_gene"]
+            arrays.update({f"pcc_spot/{key}/{k}": v for k, v in sc["pcc_spot"].items()})
+            if save_predictions:
+                arrays[f"pred/{key}"], arrays[f"pred_genes/{key}"] = sc["pred"].astype(np.float16), sc["pred_genes"]
+    np.savez_compressed(path, **arrays)
+
+
+def print_paired(stats: list[dict]) -> None:
+    """The sign-flip tests over sections and the per-section bootstrap CIs, as text tables."""
+    df = pd.DataFrame(stats)
+    if df.empty:
+        return
+    tests = df[(df["section"] == "all") & (df["metric"] != "n_sections")].copy()
+    if not tests.empty:
+        split = tests["metric"].str.extract(r"^(?P<score>.+_diff)_(?P<stat>mean|p_value(?:_greater|_less)?)$")
+        tests = tests.assign(score=split["score"], stat=split["stat"])
+        t = tests.pivot_table(index=["method", "panel", "score"], columns="stat", values="value", aggfunc="first")
+        t = t[[c for c in ("mean", "p_value", "p_value_greater", "p_value_less") if c in t]]
+        n = int(df.loc[df["metric"] == "n_sections", "value"].max())
+        print(f"\npaired over {n} sections (reference minus row, mean over sections; sign-flip p-values: two-sided, "
+              "'greater' = reference better, i.e. higher PCC/QCPR or lower energy distance)")
+        print(t.round(4).to_string())
+    ci = df[(df["section"] != "all") & df["metric"].str.startswith("pcc_gene_diff")]
+    if not ci.empty:
+        t = ci.pivot_table(index=["method", "panel", "section"], columns="metric", values="value", aggfunc="mean")
+        print("\nper-section block-bootstrap CIs of the per-gene PCC difference (mean over seeds)")
+        print(t.round(4).to_string())
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     sections = list(dict.fromkeys(args.train_sections + args.test_sections))
+    check_inputs(args, sections)
     adata = prepare(args, sections)
     adata.obsm["histology"] = select_features(adata, args.features)
+    generative = [m for m in args.methods if m in GENERATIVE]
+    if generative:
+        if not mito_mask(adata.var_names).any():
+            print("note: no MT-/mt- genes in the data: QCPR's mitochondrial criterion and the fidelity score's "
+                  "mitochondrial share are off (records: qc_n_mt_genes = 0)", flush=True)
+        dropped = [k for k in args.label_keys if not usable_labels(adata, [k])]
+        if dropped:
+            print(f"note: label columns {dropped} are absent or have fewer than 2 classes: not used", flush=True)
     extra = None
     if args.extra_sections:
         adata, extra = prepare_extra(args, adata)
         print(f"with --extra-sections: {extra.n_obs} count-only spots from {extra.obs['slide'].nunique()} sections; "
-              f"every method scores on the {adata.n_vars} genes all sections share", flush=True)
+              f"{adata.n_vars} genes are in their tables (each split keeps those of its training tables)", flush=True)
     splits = (
         [([s for s in sections if s != t], t) for t in sections]
         if args.loso
@@ -490,24 +833,36 @@ def main(argv=None) -> list[dict]:
             None if args.validation == "none" else "auto" if args.validation == "auto"
             else train_sections[-1] if args.validation == "last" else args.validation
         )
-        tasks += [(tuple(train_sections), test_section, validation, method, seed) for method in args.methods for seed in args.seeds]
+        methods = [*args.methods, *(QC_REFERENCES if generative else ())]
+        tasks += [(tuple(train_sections), test_section, validation, method, seed) for method in methods for seed in args.seeds]
     jobs = n_jobs(args.jobs, args.device, len(tasks))
     print(f"{len(tasks)} runs (method x seed x split) in {jobs} process(es)", flush=True)
     records: list[dict] = []
     probes: list[xr.DataArray] = []
+    results: list[dict] = []
     start = time.perf_counter()
-    for rows, probe_da in run_tasks(tasks, (adata, extra, args), jobs):
+    for rows, probe_da, scores in run_tasks(tasks, (adata, extra, args), jobs):
         records += rows
+        results.append(scores)
         if probe_da is not None:
             probes.append(probe_da)
         Path(args.out).write_text(json.dumps(records, indent=1))  # after every run: a run cut short keeps its records
-    Path(args.out).write_text(json.dumps(records, indent=1))
     print(f"{len(tasks)} runs: {time.perf_counter() - start:.0f} s wall clock in {jobs} process(es)", flush=True)
+    paired = paired_statistics(results, records, adata, splits, args)
+    records += paired
+    Path(args.out).write_text(json.dumps(records, indent=1))
+    write_scores(Path(args.out).with_suffix(".npz"), results, args.save_predictions)
     methods = [r for r in ROWS if any(x["method"] == r for x in records)]
-    print(format_table(records, panels=PANELS, methods=methods))
+    predictors = [m for m in methods if m not in QC_REFERENCES]
+    print(format_table(records, panels=PANELS, methods=predictors, qc_metrics=()))
+    if any(r["metric"] == "qcpr3" for r in records):
+        print("\nQC of generated spots vs the real held-out spots (observed: the real spots themselves; constant: "
+              "training-mean profile + Poisson; energy distance: lower is better)")
+        print(format_table(records, panels=(), methods=methods, qc_metrics=("qcpr3", "qcpr4", "qcpr5", "qc_energy_distance")))
+    print_paired(paired)
     if any(r["metric"] in CALIBRATION for r in records):
         print("\ncalibration of the predictive distributions (ridge and mean: NB around the point prediction)")
-        print(format_table(records, panels=PANELS[1:], metrics=CALIBRATION, qc_metrics=(), methods=methods))
+        print(format_table(records, panels=PANELS[1:], metrics=CALIBRATION, qc_metrics=(), methods=predictors))
     if probes:
         mean_probe = xr.concat(probes, "run", coords="minimal", compat="override").mean("run").rename("balanced_accuracy")
         print("\nprobe matrix (balanced accuracy, held-out spots, mean over seeds/sections)")

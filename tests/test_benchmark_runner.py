@@ -44,19 +44,39 @@ def test_parallel_runs_match_serial(bench, sections, tmp_path):
         "--model-kwargs", '{"hidden": 16, "y_dim": 4, "d_dim": 2, "r_dim": 2, "x_dim": 2}',
         "--device", "cpu", "--out", str(tmp_path / "r.json"),
     ])
-    tasks = [(tuple(slides[:3]), slides[3], None, method, seed) for method in ("spartha", "ridge") for seed in (0, 1)]
+    methods = ("spartha", "ridge", "observed", "constant")
+    tasks = [(tuple(slides[:3]), slides[3], None, method, seed) for method in methods for seed in (0, 1)]
     serial = list(bench.run_tasks(tasks, (adata, None, args), jobs=1))
     parallel = list(bench.run_tasks(tasks, (adata, None, args), jobs=2))
 
     def values(results):
         return {
-            (r["method"], r["seed"], r["panel"], r["metric"]): r["value"] for rows, _ in results for r in rows
+            (r["method"], r["seed"], r["panel"], r["metric"]): r["value"] for rows, *_ in results for r in rows
         }
 
     a, b = values(serial), values(parallel)
-    assert a.keys() == b.keys() and {m for m, *_ in a} == {"spartha", "spartha_pass", "ridge"}
+    assert a.keys() == b.keys() and {m for m, *_ in a} == {"spartha", "spartha_pass", "ridge", "observed", "constant"}
     np.testing.assert_allclose([b[k] for k in a], list(a.values()), rtol=1e-5, atol=1e-6)
-    assert sum(p is not None for _, p in parallel) == 2  # SPARTHA's probe matrix, one per seed
+    assert sum(p is not None for _, p, _ in parallel) == 2  # SPARTHA's probe matrix, one per seed
+
+    # QC references beside the generators: the real spots scored against their own MADs; the
+    # fidelity score is recorded for every generator (not for the real spots themselves), and
+    # the simulated MT- genes are kept in the modelled genes, so the MT criterion is on
+    assert 0 < a[("observed", 0, "qc", "qcpr5")] <= 1 and ("observed", 0, "qc", "qc_energy_distance") not in a
+    for row in ("spartha", "spartha_pass", "constant"):
+        assert a[(row, 0, "qc", "qc_energy_distance")] >= 0 and a[(row, 0, "qc", "qc_n_mt_genes")] > 0
+
+    # paired statistics: a block-bootstrap CI per panel around the PCC difference (one section: no test over sections)
+    records = [r for rows, *_ in serial for r in rows]
+    paired = bench.paired_statistics([s for *_, s in serial], records, adata, [(slides[:3], slides[3])], args)
+    got = {(r["method"], r["seed"], r["panel"], r["metric"]): r["value"] for r in paired}
+    for panel in ("hvg", "top250", "hist2st_785"):
+        key = ("spartha_vs_ridge", 0, panel)
+        assert got[(*key, "pcc_gene_diff_ci_low")] <= got[(*key, "pcc_gene_diff")] <= got[(*key, "pcc_gene_diff_ci_high")]
+        diff = a[("spartha", 0, panel, "pcc_gene")] - a[("ridge", 0, panel, "pcc_gene")]
+        assert got[(*key, "pcc_gene_diff")] == pytest.approx(diff, abs=1e-6)
+    assert ("spartha_vs_constant", 1, "qc", "qcpr3_diff") in got
+    assert not any(r["section"] == "all" for r in paired)
 
 
 def test_n_jobs(bench):

@@ -1,13 +1,14 @@
 """QC pass rate (QCPR) of generated spots, judged against the real spots of the same section."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import xarray as xr
 
 from .._errors import InputError
-from ..pp.qc import mad_reference, qc_metrics, qc_outliers
+from ..pp.qc import mad_reference, mito_mask, qc_metrics, qc_outliers
 
 
 def qcpr(
@@ -33,7 +34,9 @@ def qcpr(
     real_counts
         Observed counts of the section, ``(n_real_spots, n_genes)``, dense or sparse.
     var_names
-        Gene names of the columns (``MT-`` prefixes mark mitochondrial genes).
+        Gene names of the columns (``MT-``/``mt-`` prefixes mark mitochondrial genes; without
+        any, the mitochondrial criterion is off and a ``UserWarning`` says so — pass the
+        mitochondrial genes in the panel to keep it).
     nmads
         MAD multiples to report.
 
@@ -56,6 +59,12 @@ def qcpr(
         )
     if any(k <= 0 for k in nmads):
         raise InputError(f"nmads must be positive, got {tuple(nmads)}")
+    if not mito_mask(var_names).any():
+        warnings.warn(
+            f"qcpr: no MT-/mt- genes among the {len(var_names)} genes: the mitochondrial criterion is off",
+            UserWarning,
+            stacklevel=2,
+        )
     reference = mad_reference(qc_metrics(real_counts, var_names))
     metrics = [qc_metrics(s, var_names) for s in samples]
     return {

@@ -19,6 +19,7 @@ LABELS = {
     "qcpr3": "QCPR3",
     "qcpr4": "QCPR4",
     "qcpr5": "QCPR5",
+    "qc_energy_distance": "QC energy dist.",
 }
 
 

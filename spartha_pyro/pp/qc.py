@@ -33,6 +33,11 @@ QC_METRICS: dict[str, str] = {
 }
 
 
+def mito_mask(var_names: Sequence[str]) -> np.ndarray:
+    """Boolean mask of mitochondrial genes: names starting with ``MT-`` or ``mt-`` (any case)."""
+    return np.array([str(g).upper().startswith("MT-") for g in var_names], dtype=bool)
+
+
 def qc_metrics(X, var_names: Sequence[str]) -> pd.DataFrame:
     """Per-spot QC metrics of a counts matrix.
 
@@ -64,7 +69,7 @@ def qc_metrics(X, var_names: Sequence[str]) -> pd.DataFrame:
         "log1p_n_genes_by_counts": np.log1p(n_genes_by_counts.astype(np.float64)),
         "pct_counts_in_top_20_genes": 100.0 * top / safe_total,
     }
-    mt = np.array([str(g).upper().startswith("MT-") for g in var_names])
+    mt = mito_mask(var_names)
     if mt.any():
         out["pct_counts_mt"] = 100.0 * np.asarray(X[:, mt].sum(axis=1)).ravel() / safe_total
     return pd.DataFrame(out)

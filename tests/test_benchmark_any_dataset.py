@@ -1,0 +1,111 @@
+"""``benchmarks/her2st.py`` on a tiny fake legacy-ST folder that has nothing but counts, spot
+files and images: no ``genes/hist2st_785.txt``, no clusters, no deconvolution, mouse gene
+names, and one section whose table lacks genes the others have."""
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import spartha_pyro as sp
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+GENES = ["mt-Co1", "mt-Nd1"] + [f"Gm{i}" for i in range(30)]
+#: genes missing from section S3's table (measured in S1 and S2)
+NOT_IN_S3 = ["Gm28", "Gm29"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    import her2st
+
+    yield her2st
+    sys.path.remove(str(BENCH))
+
+
+def _legacy_st_folder(root: Path, sections=("S1", "S2", "S3", "S4"), grid=(5, 4), seed=0) -> Path:
+    """counts/<S>.tsv.gz, spots/<S>_selection.tsv and images/<S>.jpg, nothing else."""
+    rng = np.random.default_rng(seed)
+    for sub in ("counts", "spots", "images"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    profile = rng.gamma(0.5, 1.0, len(GENES))
+    for s in sections:
+        genes = [g for g in GENES if not (s == "S3" and g in NOT_IN_S3)]
+        xs, ys = np.meshgrid(np.arange(2, 2 + grid[0]), np.arange(2, 2 + grid[1]))
+        xs, ys = xs.ravel(), ys.ravel()
+        tone = rng.uniform(60, 200, xs.size)  # the image's colour carries the expression signal
+        mean = np.outer(rng.lognormal(np.log(500), 0.3, xs.size), profile / profile.sum())
+        mean[:, 2:8] *= (tone[:, None] / 120.0) ** 2
+        counts = rng.poisson(mean[:, [GENES.index(g) for g in genes]])
+        names = [f"{x}x{y}" for x, y in zip(xs, ys)]
+        with gzip.open(root / "counts" / f"{s}.tsv.gz", "wt") as fh:
+            fh.write("\t" + "\t".join(genes) + "\n")
+            for n, row in zip(names, counts):
+                fh.write(n + "\t" + "\t".join(map(str, row)) + "\n")
+        px, py = 150.0 * xs, 150.0 * ys
+        with open(root / "spots" / f"{s}_selection.tsv", "w") as fh:
+            fh.write("x\ty\tnew_x\tnew_y\tpixel_x\tpixel_y\tselected\n")
+            for x, y, a, b in zip(xs, ys, px, py):
+                fh.write(f"{x}\t{y}\t{x}\t{y}\t{a}\t{b}\t1\n")
+        img = np.full((int(py.max()) + 400, int(px.max()) + 400, 3), 235, np.uint8)
+        for a, b, t in zip(px.astype(int), py.astype(int), tone):
+            img[b - 70 : b + 70, a - 70 : a + 70] = (t, 0.6 * t, 0.8 * t)
+        img += rng.integers(0, 15, img.shape, dtype=np.uint8)
+        Image.fromarray(img).save(root / "images" / f"{s}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return _legacy_st_folder(tmp_path_factory.mktemp("legacy_st"))
+
+
+def _argv(folder, out, *extra):
+    return [
+        "--data", str(folder), "--cache", str(out.parent / "cache"), "--out", str(out),
+        "--train-sections", "S1", "S2", "S4", "--test-sections", "S3", "--features", "stats",
+        "--methods", "ridge", "mean", "--seeds", "0", "--jobs", "1", "--device", "cpu",
+        "--n-hvg", "10", "--n-top-mean", "5", "--calib-samples", "4",
+        "--paired-reference", "ridge", "--n-boot", "50", "--block-size", "2", *extra,
+    ]
+
+
+def test_loso_on_a_bare_legacy_st_folder(bench, folder, tmp_path):
+    out = tmp_path / "r.json"
+    records = bench.main(_argv(folder, out, "--loso"))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(records))
+    got = {(r["method"], r["section"], r["panel"], r["metric"]): r["value"] for r in records}
+    panels = {r["panel"] for r in records if r["metric"] == "pcc_gene"}
+    assert panels == {"all", "hvg", "top250"}  # no hist2st_785 file, no such panel
+    for s in ("S1", "S2", "S3", "S4"):
+        assert np.isfinite(got[("ridge", s, "hvg", "pcc_gene")]) and got[("mean", s, "hvg", "pcc_gene")] == 0
+        low, high = got[("ridge_vs_mean", s, "hvg", "pcc_gene_diff_ci_low")], got[("ridge_vs_mean", s, "hvg", "pcc_gene_diff_ci_high")]
+        assert low <= got[("ridge_vs_mean", s, "hvg", "pcc_gene_diff")] <= high
+    # a sign-flip test over the four held-out sections (p is a multiple of 1/16)
+    p = got[("ridge_vs_mean", "all", "hvg", "pcc_gene_diff_p_value")]
+    assert round(16 * p, 6) == int(round(16 * p)) and got[("ridge_vs_mean", "all", "hvg", "n_sections")] == 4
+    # per-gene scores beside the JSON; the universe of a split is its training tables' genes:
+    # held out, S3 is scored on the genes it lacks (zero there); training on S3 drops them
+    scores = np.load(out.with_suffix(".npz"))
+    assert set(NOT_IN_S3) <= set(scores["genes/ridge/S3/0"]) and len(scores["pcc_gene/ridge/S3/0"]) == len(GENES)
+    assert not set(NOT_IN_S3) & set(scores["genes/ridge/S1/0"])
+    assert scores["pcc_spot/ridge/S1/0/hvg"].shape == scores["spots/S1"].shape
+    assert "pred/ridge/S1/0" not in scores
+
+
+def test_missing_inputs_fail_before_feature_extraction(bench, folder, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(folder, bare)
+    (bare / "images" / "S3.jpg").unlink()
+    (bare / "spots" / "S2_selection.tsv").unlink()
+    with pytest.raises(sp.InputError, match=r"spots/S2_selection.tsv.*images/S3.jpg"):
+        bench.main(_argv(bare, tmp_path / "r.json"))
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(sp.InputError, match="--features"):
+        bench.main(_argv(folder, tmp_path / "r.json", "--features", "stats+hog"))
