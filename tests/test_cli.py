@@ -53,7 +53,9 @@ def test_train_uses_config_and_saves(pipeline: Path):
     assert model.registry.label_keys == ["cell_type"]
     assert model.registry.batch_categories == ["slide0", "slide1"]  # --sections from the config
     assert model.module.model.dims["z_y0"] == 4  # command-line flag
-    assert len(model.history) == 2
+    stages = [h["stage"] for h in model.history]  # default --validation auto: epochs chosen on slide1, then a refit
+    assert stages.count("validation") == 2 and model.selection["refit"]
+    assert stages.count("refit") == model.selection["epochs"]
 
 
 def test_predict_writes_layers_and_draws(pipeline: Path, capsys):
