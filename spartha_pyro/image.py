@@ -33,7 +33,7 @@ from anndata import AnnData
 from PIL import Image, UnidentifiedImageError
 
 from ._errors import InputError
-Image.MAX_IMAGE_PIXELS = None
+from .io._images import _open_huge
 
 #: µm per pixel accepted from file metadata (outside: a screen/print DPI, not a microscope)
 PLAUSIBLE_UM_PER_PX = (0.05, 20.0)
@@ -101,7 +101,7 @@ class SlideImage:
 
     def _open_pil(self) -> None:
         try:
-            with Image.open(self.path) as im:
+            with _open_huge(Path(self.path)) as im:
                 if im.mode not in ("RGB", "RGBA", "RGBX"):
                     raise InputError(f"image {str(self.path)!r} has {im.mode!r} pixels, not 8-bit RGB")
                 dpi = im.info.get("dpi")
@@ -286,7 +286,7 @@ def read_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
     if not path.is_file():
         raise InputError(f"tissue mask {str(path)!r} does not exist")
     try:
-        with Image.open(path) as im:
+        with _open_huge(Path(path)) as im:
             im = im.convert("L").resize((shape[1], shape[0]), Image.Resampling.NEAREST)
             mask = np.asarray(im) > 0
     except (UnidentifiedImageError, OSError) as err:

@@ -19,6 +19,7 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer import Trace_ELBO
 from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
@@ -137,9 +138,10 @@ def evaluate_loss(module: SparthaModule, data: SpotArrays, idx: np.ndarray, batc
     """Histology-path negative ELBO per spot on spots ``idx`` (eval mode, no dropout)."""
     module.eval()
     total, n_genes = 0.0, module.model.n_genes
+    elbo = Trace_ELBO()  # eager even under jit=True: a traced ELBO is fixed to the training minibatch's shape
     for b in iterate_minibatches(len(idx), batch_size, None, False):
         batch = data.minibatch(idx[b], device, n_genes)
-        total += float(module.loss(batch)[1]) * len(b)
+        total += float(elbo.differentiable_loss(*module._hist_programs, *batch_args(batch))) * len(b)
     module.train()
     return total / max(len(idx), 1)
 
