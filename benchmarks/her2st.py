@@ -814,7 +814,7 @@ def main(argv=None) -> list[dict]:
         if not mito_mask(adata.var_names).any():
             print("note: no MT-/mt- genes in the data: QCPR's mitochondrial criterion and the fidelity score's "
                   "mitochondrial share are off (records: qc_n_mt_genes = 0)", flush=True)
-        dropped = [k for k in args.label_keys if not usable_labels(adata, [k])]
+        dropped = [k for k in args.label_keys if k != "auto" and not usable_labels(adata, [k])]
         if dropped:
             print(f"note: label columns {dropped} are absent or have fewer than 2 classes: not used", flush=True)
     extra = None
