@@ -86,9 +86,10 @@ def synthetic_adata(
     return adata
 
 
-def build_model(adata: AnnData, hidden: int = 256) -> SPARTHA:
-    """The benchmarked SPARTHA: one label set, slides as batches, QC artifact latent."""
-    return SPARTHA(adata, label_keys=["cell_type"], batch_key="slide", qc_key="qc_pass", hidden=hidden)
+def build_model(adata: AnnData, **config) -> SPARTHA:
+    """The benchmarked SPARTHA: one label set, slides as batches, QC artifact latent; ``config``:
+    :class:`~spartha_pyro.config.ModelConfig` fields (defaults there)."""
+    return SPARTHA(adata, label_keys=["cell_type"], batch_key="slide", qc_key="qc_pass", **config)
 
 
 def sync(device: torch.device) -> None:

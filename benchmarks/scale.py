@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from spartha_pyro.config import ModelConfig  # light: the package imports its heavy parts lazily
+
 HERE = Path(__file__).resolve().parent
 GENES = (2000, 15000, 36000)
 SPOTS = (1000, 10000, 100000)
@@ -156,7 +158,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--genes", type=int, nargs="*", default=list(GENES))
     ap.add_argument("--spots", type=int, nargs="*", default=list(SPOTS))
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=ModelConfig.hidden)
     ap.add_argument("--density", type=float, default=0.1, help="mean share of detected genes per spot")
     ap.add_argument("--max-steps", type=int, default=10, help="timed steps per row")
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps per row (JIT traces here)")

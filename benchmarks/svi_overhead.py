@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import build_model, device_name, synthetic_adata, timed_steps  # noqa: E402
 
+from spartha_pyro.config import ModelConfig  # noqa: E402
 from spartha_pyro.data import make_loader  # noqa: E402
 from spartha_pyro.guides.spartha import classifier_targets  # noqa: E402
 from spartha_pyro.models.likelihoods import count_likelihood  # noqa: E402
@@ -133,7 +134,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--n-spots", type=int, default=4096)
     ap.add_argument("--n-genes", type=int, default=1000)
-    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=ModelConfig.hidden)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--max-steps", type=int, default=12, help="timed steps per epoch")
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps per epoch (JIT traces and TorchScript optimises here)")

@@ -42,6 +42,7 @@ from pyro.infer import Predictive, Trace_ELBO
 from pyro.optim.clipped_adam import ClippedAdam
 
 import spartha_pyro as sp
+from spartha_pyro.config import ModelConfig
 from spartha_pyro.data import QC_CODES, build_registry, class_counts, encode_adata
 from spartha_pyro.demo import example_data, holdout_split
 from spartha_pyro.guides import AuxClassifiers, FullGuide, HistologyEncoder, HistologyGuide
@@ -77,13 +78,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"training on {n_spots} spots × {n_genes} genes, histology {hist_dim}-d; test section "
           f"{test.obs['slide'].iloc[0]} ({test.n_obs} spots)")
 
-    # ---- the generative model p(X_t, X_h | Z) p(Z | L)
+    # ---- the generative model p(X_t, X_h | Z) p(Z | L); the architecture's other settings at their defaults
+    config = ModelConfig(y_dim=8, d_dim=4, r_dim=4, x_dim=4, hidden=args.hidden)
     model = SparthaModel(
         n_spots, n_genes, hist_dim,
         label_class_counts=[class_counts(data.labels[:, 0], len(registry.label_categories[0]))],
         batch_class_counts=class_counts(data.batch, len(registry.batch_categories)),
         qc_class_counts=class_counts(data.qc, len(QC_CODES)),
-        y_dim=8, d_dim=4, r_dim=4, x_dim=4, hidden=args.hidden,
+        config=config,
     )
     dims = model.dims  # {"z_y0": 8, "z_d": 4, "z_r": 4, "z_x": 4}
 
@@ -91,12 +93,12 @@ def main(argv: list[str] | None = None) -> None:
     classified = {s: d for s, d in dims.items() if s != "z_x"}
     n_classes = {"z_y0": len(registry.label_categories[0]), "z_d": len(registry.batch_categories), "z_r": 2}
     classifiers = AuxClassifiers(classified, n_classes)
-    aux_weights = {s: 50.0 for s in classified}
+    aux_weights = {s: config.aux_weights["y" if s.startswith("z_y") else s[-1]] for s in classified}
 
     # ---- the two guides: q(Z | X_h) (prediction path) and q(Z | X_t, X_h), sharing the histology encoder
-    hist_encoder = HistologyEncoder(hist_dim, dims, hidden=args.hidden)
+    hist_encoder = HistologyEncoder(hist_dim, dims, config.hidden, config.histology_dropout, config.histology_encoder)
     guide_hist = HistologyGuide(hist_encoder, n_spots, dims, classifiers, aux_weights)
-    guide_full = FullGuide(n_genes, hist_dim, hist_encoder, n_spots, dims, classifiers, aux_weights, hidden=args.hidden)
+    guide_full = FullGuide(n_genes, hist_dim, hist_encoder, n_spots, dims, classifiers, aux_weights, config.hidden)
 
     # ---- the ELBOs as nn.Modules (see the module docstring: SVI does not see module-local params)
     elbo_full = Trace_ELBO()(model, guide_full)

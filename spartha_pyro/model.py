@@ -18,6 +18,7 @@ from pyro import poutine
 from pyro.infer import Predictive
 
 from ._errors import InputError
+from .config import ModelConfig
 from .io.write import atomic_path
 from .data import QC_CODES, Registry, SpotArrays, build_registry, class_counts, encode_adata
 from .module import SparthaModule, batch_args
@@ -68,22 +69,6 @@ class SPARTHA:
         renormalised over the measured genes) instead of being read as zeros; the full
         guide's encoder still sees the zero-filled values as input. ``None``: every batch
         measured every gene.
-    artifact_latent
-        ``False`` removes ``Z_r`` and its classifier: the SpatialDIVA baseline.
-    likelihood
-        ``"nb"`` (default) or ``"zinb"``.
-    y_dim, d_dim, r_dim, x_dim
-        Latent widths; ``x_dim=0`` drops the free residual latent ``Z_x``.
-    hidden
-        Hidden width of decoder and encoders.
-    aux_weights
-        Weights of the classifier factors, ``{"y": ..., "d": ..., "r": ...}`` (default 50 each).
-    histology_weight
-        Weight of the histology-only ELBO in the objective.
-    histology_encoder
-        ``"mlp"`` or ``"linear"`` (ridge-like) histology-only encoder.
-    histology_dropout
-        Input dropout of the histology encoder.
     histology_scaling
         ``"section"`` (default): standardise each section's histology vectors by that
         section's own mean and sd (sections by ``obs[batch_key]``; an AnnData to predict
@@ -94,6 +79,11 @@ class SPARTHA:
     seed
         Seed of the initial weights (``train(seed=...)`` seeds minibatches and Monte Carlo
         draws): the same seeds give the same fit.
+    **config
+        Architecture hyperparameters, the fields of :class:`~spartha_pyro.config.ModelConfig`
+        (kept in ``self.config``; another name raises :class:`InputError`):
+
+{config}
 
     Examples
     --------
@@ -114,20 +104,12 @@ class SPARTHA:
         layer: str | None = None,
         counts_key: str | None = None,
         gene_mask_key: str | None = None,
-        artifact_latent: bool = True,
-        likelihood: str = "nb",
-        y_dim: int = 16,
-        d_dim: int = 8,
-        r_dim: int = 8,
-        x_dim: int = 8,
-        hidden: int = 256,
-        aux_weights: Mapping[str, float] | None = None,
-        histology_weight: float = 1.0,
-        histology_encoder: str = "mlp",
-        histology_dropout: float = 0.2,
         histology_scaling: str = "section",
         seed: int = 0,
+        **config,
     ):
+        self.config = ModelConfig.from_kwargs(config)
+        artifact_latent = self.config.artifact_latent
         auto = isinstance(label_keys, str) and label_keys == "auto"
         if isinstance(label_keys, str) and not auto:
             label_keys = [label_keys]
@@ -144,11 +126,6 @@ class SPARTHA:
             layer, counts_key, gene_mask_key, histology_scaling,
         )
         self.auto_labels = self._auto_labels(adata, layer, counts_key, seed) if auto else None
-        self.init_kwargs = dict(
-            artifact_latent=artifact_latent, likelihood=likelihood, y_dim=y_dim, d_dim=d_dim, r_dim=r_dim,
-            x_dim=x_dim, hidden=hidden, aux_weights=dict(aux_weights or {}), histology_weight=histology_weight,
-            histology_encoder=histology_encoder, histology_dropout=histology_dropout,
-        )
         self.adata = adata
         self._data = encode_adata(adata, self.registry, require_counts=True)
         self._init_seed = seed
@@ -187,7 +164,6 @@ class SPARTHA:
     @pyro.settings.context(module_local_params=True)  # weights stay in the module, out of the user's param store
     def _build_module(self, n_spots: int) -> SparthaModule:
         r, data = self.registry, self._data
-        kw = dict(self.init_kwargs)
         if data is None:  # loaded for prediction only: the saved state restores the class weights and gene mask
             no_codes = np.empty(0, dtype=np.int64)
             labels, batch, qc = np.empty((0, len(r.label_keys)), dtype=np.int64), no_codes, no_codes
@@ -201,17 +177,13 @@ class SPARTHA:
             label_class_counts=[class_counts(labels[:, k], len(c)) for k, c in enumerate(r.label_categories)],
             batch_class_counts=class_counts(batch, len(r.batch_categories)),
             qc_class_counts=class_counts(qc, len(QC_CODES)),
-            aux_weights=kw.pop("aux_weights"),
-            histology_weight=kw.pop("histology_weight"),
-            histology_encoder=kw.pop("histology_encoder"),
-            histology_dropout=kw.pop("histology_dropout"),
+            config=self.config,
             gene_mask=torch.from_numpy(gene_mask) if gene_mask is not None else None,
-            **kw,
         )
 
     def __repr__(self) -> str:
         r = self.registry
-        kind = "SPARTHA" if self.init_kwargs["artifact_latent"] else "SPARTHA(artifact_latent=False) [SpatialDIVA]"
+        kind = "SPARTHA" if self.config.artifact_latent else "SPARTHA(artifact_latent=False) [SpatialDIVA]"
         return (
             f"{kind}: {self._data.n if self._data is not None else 'no training'} spots × {len(r.genes)} genes, histology {r.histology_dim}-d, "
             f"labels {r.label_keys}, batch {r.batch_key!r}, qc {r.qc_key!r}, latents {self.module.model.dims}, "
@@ -425,7 +397,7 @@ class SPARTHA:
         (:func:`spartha_pyro.metrics.nll`). ZINB models raise: their predictive also needs
         the zero-inflation gate per draw, which the model does not expose.
         """
-        if self.init_kwargs["likelihood"] != "nb":
+        if self.config.likelihood != "nb":
             raise InputError("dispersion (and the NB predictive density) is defined for likelihood='nb' only")
         return self.module.model.log_theta.detach().double().exp().cpu().numpy()
 
@@ -755,7 +727,7 @@ class SPARTHA:
             "format_version": FORMAT_VERSION,
             "library_version": __version__,
             "registry": self.registry.to_dict(),
-            "init_kwargs": self.init_kwargs,
+            "init_kwargs": self.config.to_dict(),
             "n_train_spots": self.module.model.n_spots,
             "seed": self._init_seed,
             "is_trained": self.is_trained,
@@ -803,7 +775,7 @@ class SPARTHA:
             )
         self = cls.__new__(cls)
         try:
-            self.registry, self.init_kwargs = Registry(**settings["registry"]), settings["init_kwargs"]
+            self.registry, self.config = Registry(**settings["registry"]), ModelConfig.from_kwargs(settings["init_kwargs"])
             n_train_spots = settings["n_train_spots"]
             self._init_seed = settings.get("seed", 0)
             self._data = None
@@ -826,6 +798,10 @@ class SPARTHA:
         self.is_trained = settings.get("is_trained", True)
         self.device = resolve_device(device)
         return self
+
+
+if SPARTHA.__doc__:  # the architecture's fields, documented once in ModelConfig
+    SPARTHA.__doc__ = SPARTHA.__doc__.replace("{config}", ModelConfig.describe(indent=" " * 8))
 
 
 @contextlib.contextmanager

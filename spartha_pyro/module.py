@@ -18,11 +18,9 @@ from pyro.infer import JitTrace_ELBO, Trace_ELBO
 from pyro.nn.module import to_pyro_module_
 from torch import nn
 
+from .config import ModelConfig
 from .guides import AuxClassifiers, FullGuide, HistologyEncoder, HistologyGuide
 from .models import SparthaModel
-
-#: default weights ``alpha`` of the auxiliary classifier factors, per kind of latent
-DEFAULT_AUX_WEIGHTS = {"y": 50.0, "d": 50.0, "r": 50.0}
 
 #: argument order shared by model and guides (the seam between data and the program)
 ARG_NAMES = ("x_t", "x_h", "labels", "batch", "qc", "has_counts", "has_histology", "index")
@@ -42,14 +40,10 @@ class SparthaModule(nn.Module):
         Training set size, number of genes, histology width.
     label_class_counts, batch_class_counts, qc_class_counts
         Per-class spot counts (see :class:`~spartha_pyro.models.SparthaModel`).
-    aux_weights
-        ``{"y": alpha_y, "d": alpha_d, "r": alpha_r}`` weights of the classifier factors.
-    histology_weight
-        ``lambda_h``, weight of the histology-only ELBO.
-    histology_encoder
-        ``"mlp"`` or ``"linear"``.
-    **model_kwargs
-        Latent sizes, ``hidden``, ``artifact_latent``, ``likelihood``, ``gene_mask``.
+    config
+        The architecture (:class:`~spartha_pyro.config.ModelConfig`).
+    gene_mask
+        Bool ``(n_batches, n_genes)`` of the genes each batch measured (``None``: all).
     """
 
     def __init__(
@@ -60,30 +54,27 @@ class SparthaModule(nn.Module):
         label_class_counts: Sequence[torch.Tensor],
         batch_class_counts: torch.Tensor,
         qc_class_counts: torch.Tensor,
-        aux_weights: Mapping[str, float] | None = None,
-        histology_weight: float = 1.0,
-        histology_encoder: str = "mlp",
-        histology_dropout: float = 0.2,
-        **model_kwargs,
+        config: ModelConfig,
+        gene_mask: torch.Tensor | None = None,
     ):
         super().__init__()
         self.model = SparthaModel(
-            n_spots, n_genes, histology_dim, label_class_counts, batch_class_counts, qc_class_counts, **model_kwargs
+            n_spots, n_genes, histology_dim, label_class_counts, batch_class_counts, qc_class_counts, config, gene_mask
         )
         dims = self.model.dims
-        weights = {**DEFAULT_AUX_WEIGHTS, **(aux_weights or {})}
         classified = {s: d for s, d in dims.items() if s != "z_x"}
-        site_weights = {s: weights["y" if s.startswith("z_y") else s[-1]] for s in classified}
+        site_weights = {s: config.aux_weights["y" if s.startswith("z_y") else s[-1]] for s in classified}
         n_classes = {f"z_y{k}": len(c) for k, c in enumerate(label_class_counts)}
         n_classes.update(z_d=len(batch_class_counts), z_r=len(qc_class_counts))
         self.classifiers = AuxClassifiers(classified, n_classes)
-        hidden = model_kwargs.get("hidden", 256)
-        hist_encoder = HistologyEncoder(histology_dim, dims, hidden, histology_dropout, histology_encoder)
+        hist_encoder = HistologyEncoder(
+            histology_dim, dims, config.hidden, config.histology_dropout, config.histology_encoder
+        )
         self.guide_hist = HistologyGuide(hist_encoder, n_spots, dims, self.classifiers, site_weights)
         self.guide_full = FullGuide(
-            n_genes, histology_dim, hist_encoder, n_spots, dims, self.classifiers, site_weights, hidden
+            n_genes, histology_dim, hist_encoder, n_spots, dims, self.classifiers, site_weights, config.hidden
         )
-        self.histology_weight = histology_weight
+        self.histology_weight = config.histology_weight
         for program in (self.model, self.guide_full, self.guide_hist):
             to_pyro_module_(program)  # every submodule a PyroModule: needed by Pyro's JIT
         self.configure(n_spots, jit=False)
