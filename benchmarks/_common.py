@@ -15,6 +15,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
+from spartha_pyro.loaders import Batch
 from spartha_pyro.model import SPARTHA
 
 
@@ -99,7 +100,7 @@ def sync(device: torch.device) -> None:
 
 
 def timed_steps(
-    step: Callable[[dict], torch.Tensor], batches: Iterator[dict], device: torch.device, warmup: int, max_steps: int
+    step: Callable[[Batch], torch.Tensor], batches: Iterator[Batch], device: torch.device, warmup: int, max_steps: int
 ) -> tuple[int, float]:
     """Run ``step`` on minibatches; ``(spots, seconds)`` over the steps after ``warmup``."""
     spots, start, done = 0, None, 0
@@ -110,7 +111,7 @@ def timed_steps(
         step(batch)
         done += 1
         if done > warmup:
-            spots += len(batch["index"])
+            spots += len(batch.index)
         if done >= warmup + max_steps:
             break
     sync(device)

@@ -66,8 +66,7 @@ def run_row(args) -> dict:
     sys.path.insert(0, str(HERE))
     from _common import build_model, device_name, peak_host_mb, synthetic_adata, timed_steps
 
-    from spartha_pyro.data import make_loader
-    from spartha_pyro.train import iterate_minibatches
+    from spartha_pyro.loaders import iterate_minibatches, make_loader
 
     if args.threads:
         torch.set_num_threads(args.threads)

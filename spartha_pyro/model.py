@@ -20,10 +20,11 @@ from pyro.infer import Predictive
 from ._errors import InputError
 from .config import ModelConfig
 from .io.write import atomic_path
-from .data import QC_CODES, Registry, SpotArrays, build_registry, class_counts, encode_adata
-from .module import SparthaModule, batch_args
+from .data import QC_CODES, Registry, SpotArrays, add_label_set, class_counts, encode_adata, setup_anndata
+from .loaders import iterate_minibatches, minibatch
+from .module import SparthaModule
 from .recipe import check_recipe, read_recipe
-from .train import TrainConfig, fit, iterate_minibatches, resolve_device, selection_summary
+from .train import TrainConfig, fit, resolve_device, selection_summary
 
 FORMAT_VERSION = 1
 LATENTS = ("y", "d", "r", "x")
@@ -113,21 +114,14 @@ class SPARTHA:
         auto = isinstance(label_keys, str) and label_keys == "auto"
         if isinstance(label_keys, str) and not auto:
             label_keys = [label_keys]
-        if adata.n_obs == 0:  # before the label/QC checks, whose messages would mislead
-            raise InputError("adata has 0 spots: nothing to train on")
         if artifact_latent and qc_key is None:
             raise InputError("artifact_latent=True needs qc_key (run sp.pp.annotate_qc first)")
-        if artifact_latent and qc_key not in adata.obs:
-            raise InputError(
-                f"qc_key {qc_key!r} is not a column of adata.obs; run sp.pp.annotate_qc(adata) first"
-            )
-        self.registry = build_registry(
+        self.registry, self._data = setup_anndata(
             adata, histology_key, [] if auto else list(label_keys), batch_key, qc_key if artifact_latent else None,
             layer, counts_key, gene_mask_key, histology_scaling,
         )
         self.auto_labels = self._auto_labels(adata, layer, counts_key, seed) if auto else None
         self.adata = adata
-        self._data = encode_adata(adata, self.registry, require_counts=True)
         self._init_seed = seed
         self.module = self._initial_module()
         self.history: list[dict] = []
@@ -139,7 +133,7 @@ class SPARTHA:
     # ------------------------------------------------------------------ building
     def _auto_labels(self, adata, layer, counts_key, seed) -> dict | None:
         """``label_keys="auto"`` on validated data: cluster the spots with counts by expression,
-        add the label set to the registry; returns what was chosen (``None``: too few spots)."""
+        add the label set to the registry and the arrays; returns what was chosen (``None``: too few spots)."""
         from .pp.clusters import expression_clusters
 
         spots = adata if counts_key is None else adata[adata.obs[counts_key].astype(bool).to_numpy()].copy()
@@ -150,10 +144,8 @@ class SPARTHA:
         info = expression_clusters(spots, batch_key=self.registry.batch_key, layer=layer, seed=seed)
         if spots is not adata:
             adata.obs[info["key"]] = spots.obs[info["key"]].reindex(adata.obs_names)
-        self.registry.label_keys.append(info["key"])
-        self.registry.label_categories.append(sorted(adata.obs[info["key"]].dropna().astype(str).unique()))
+        add_label_set(adata, self.registry, self._data, info["key"])
         return info
-
 
     def _initial_module(self) -> SparthaModule:
         """A freshly initialised module, weights seeded by ``seed`` (the global RNG is left as it was)."""
@@ -247,7 +239,7 @@ class SPARTHA:
             ``"auto"``: keep the data on the device when they fit (a quarter of free device
             memory; not for a backed AnnData), else ``"host"``: read minibatches on the host
             (rows of a ``backed="r"`` h5ad are read per minibatch) with a prefetch thread.
-            ``"device"`` forces the former. See :func:`spartha_pyro.data.make_loader`.
+            ``"device"`` forces the former. See :func:`spartha_pyro.loaders.make_loader`.
         checkpoint_dir
             Folder of training checkpoints (``ckpt-000012.pt``: epoch 12 done), each written
             atomically, holding the module, optimizer, history, early-stopping and random
@@ -451,9 +443,9 @@ class SPARTHA:
         module = self.module.to(self.device).eval()
         out = []
         for b in iterate_minibatches(data.n, batch_size, None, False):
-            batch = data.minibatch(b, self.device, len(self.registry.genes))
+            batch = minibatch(data, b, self.device, len(self.registry.genes))
             guide = module.guide_full if encoder == "full" else module.guide_hist
-            params = guide.encode(batch["x_t"], batch["x_h"], batch["has_counts"], batch["has_histology"])
+            params = guide.encode(batch.x_t, batch.x_h, batch.has_counts, batch.has_histology)
             out.append(torch.cat([params[s][0] for s in sites], -1).cpu().numpy())
         z = np.concatenate(out)
         adata_out.obsm[key_added or f"X_spartha_{latent}" + (f"_{label_key}" if label_key else "")] = z
@@ -580,14 +572,13 @@ class SPARTHA:
         pyro.set_rng_seed(seed)
         n_genes = len(self.registry.genes)
         for b in iterate_minibatches(data.n, batch_size, None, False):
-            batch = data.minibatch(b, self.device, n_genes)
-            batch["qc"] = torch.full_like(batch["qc"], QC_CODES["pass"])
-            batch["x_t"] = None
-            batch["index"] = torch.arange(len(b), device=self.device)
+            batch = minibatch(data, b, self.device, n_genes)
+            batch = batch._replace(x_t=None, qc=torch.full_like(batch.qc, QC_CODES["pass"]),
+                                   index=torch.arange(len(b), device=self.device))
             for start in range(0, num_samples, chunk):
                 s = min(chunk, num_samples - start)
                 predictive = Predictive(module.model, guide=guide, num_samples=s, return_sites=[site])
-                yield b, predictive(*batch_args(batch))[site].reshape(s, len(b), n_genes)
+                yield b, predictive(*batch)[site].reshape(s, len(b), n_genes)
 
     @pyro.settings.context(module_local_params=True)  # weights stay in the module, out of the user's param store
     @torch.no_grad()

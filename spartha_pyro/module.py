@@ -10,7 +10,7 @@ for spots without histology.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from pyro import poutine
@@ -20,15 +20,8 @@ from torch import nn
 
 from .config import ModelConfig
 from .guides import AuxClassifiers, FullGuide, HistologyEncoder, HistologyGuide
+from .loaders import Batch
 from .models import SparthaModel
-
-#: argument order shared by model and guides (the seam between data and the program)
-ARG_NAMES = ("x_t", "x_h", "labels", "batch", "qc", "has_counts", "has_histology", "index")
-
-
-def batch_args(batch: Mapping[str, torch.Tensor]) -> tuple:
-    """Positional arguments of model/guide from a minibatch dict (see :data:`ARG_NAMES`)."""
-    return tuple(batch[k] for k in ARG_NAMES)
 
 
 class SparthaModule(nn.Module):
@@ -95,22 +88,17 @@ class SparthaModule(nn.Module):
         self._hist_programs = (self.histology_model, self.histology_guide)
 
     def histology_model(self, *args):
-        """The model with every site masked to spots that have histology."""
-        with poutine.mask(mask=args[ARG_NAMES.index("has_histology")]):
+        """The model with every site masked to spots that have histology (``args``: a :class:`Batch`)."""
+        with poutine.mask(mask=Batch(*args).has_histology):
             return self.model(*args)
 
     def histology_guide(self, *args):
         """The histology guide with every site masked to spots that have histology."""
-        with poutine.mask(mask=args[ARG_NAMES.index("has_histology")]):
+        with poutine.mask(mask=Batch(*args).has_histology):
             return self.guide_hist(*args)
 
-    def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss_full, loss_hist)``: negative ELBOs per spot of both paths on a minibatch."""
-        args = batch_args(batch)
-        loss_full = self._elbo_full.differentiable_loss(self.model, self.guide_full, *args)
-        loss_hist = self._elbo_hist.differentiable_loss(*self._hist_programs, *args)
+        loss_full = self._elbo_full.differentiable_loss(self.model, self.guide_full, *batch)
+        loss_hist = self._elbo_hist.differentiable_loss(*self._hist_programs, *batch)
         return loss_full, loss_hist
-
-    def total_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        loss_full, loss_hist = self.loss(batch)
-        return loss_full + self.histology_weight * loss_hist
