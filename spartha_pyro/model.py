@@ -14,8 +14,6 @@ import pyro
 import torch
 import xarray as xr
 from anndata import AnnData
-from pyro import poutine
-from pyro.infer import Predictive
 
 from ._errors import InputError
 from .config import ModelConfig
@@ -444,9 +442,7 @@ class SPARTHA:
         out = []
         for b in iterate_minibatches(data.n, batch_size, None, False):
             batch = minibatch(data, b, self.device, len(self.registry.genes))
-            guide = module.guide_full if encoder == "full" else module.guide_hist
-            params = guide.encode(batch.x_t, batch.x_h, batch.has_counts, batch.has_histology)
-            out.append(torch.cat([params[s][0] for s in sites], -1).cpu().numpy())
+            out.append(module.latent_means(batch, sites, encoder).cpu().numpy())
         z = np.concatenate(out)
         adata_out.obsm[key_added or f"X_spartha_{latent}" + (f"_{label_key}" if label_key else "")] = z
         return z
@@ -566,19 +562,15 @@ class SPARTHA:
                chunk: int):
         """Yield ``(spot indices b, draws (s, len(b), G))`` of ``site`` from ``q(Z | X_h)``, ``chunk``
         draws at a time (see :meth:`predict_expression` for ``artifact``)."""
-        use_prior_r = artifact == "pass" and "z_r" in self.module.model.dims
         module = self.module.to(self.device).eval()
-        guide = poutine.block(module.guide_hist, hide=["z_r"]) if use_prior_r else module.guide_hist
         pyro.set_rng_seed(seed)
         n_genes = len(self.registry.genes)
         for b in iterate_minibatches(data.n, batch_size, None, False):
             batch = minibatch(data, b, self.device, n_genes)
-            batch = batch._replace(x_t=None, qc=torch.full_like(batch.qc, QC_CODES["pass"]),
-                                   index=torch.arange(len(b), device=self.device))
             for start in range(0, num_samples, chunk):
                 s = min(chunk, num_samples - start)
-                predictive = Predictive(module.model, guide=guide, num_samples=s, return_sites=[site])
-                yield b, predictive(*batch)[site].reshape(s, len(b), n_genes)
+                draws = module.posterior_predictive(batch, s, site, artifact_free=artifact == "pass")
+                yield b, draws.reshape(s, len(b), n_genes)
 
     @pyro.settings.context(module_local_params=True)  # weights stay in the module, out of the user's param store
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The container that owns SPARTHA's model, guides and objective (no AnnData here).
+"""The container that owns SPARTHA's model, guides and every Pyro verb on them (no AnnData here).
 
 :class:`SparthaModule` builds :class:`~spartha_pyro.models.SparthaModel`, the two guides of
 :mod:`spartha_pyro.guides` with their shared classifiers, and computes the training loss
@@ -6,7 +6,11 @@
 ``loss = -ELBO(model, full guide) - histology_weight * ELBO(model, histology guide)``
 
 per spot (the classifier factors sit inside each guide). The histology path's ELBO is masked
-for spots without histology.
+for spots without histology. Everything else done to the programs is here too, one
+:class:`~spartha_pyro.loaders.Batch` at a time: posterior predictive draws (with the
+artifact-free override), posterior means of the latents, the histology path's prediction,
+classifier accuracy and the diagnosis of a non-finite loss. :mod:`spartha_pyro.model` turns
+AnnData into batches and results back into arrays; :mod:`spartha_pyro.train` runs the loop.
 """
 from __future__ import annotations
 
@@ -14,12 +18,13 @@ from collections.abc import Sequence
 
 import torch
 from pyro import poutine
-from pyro.infer import JitTrace_ELBO, Trace_ELBO
+from pyro.infer import JitTrace_ELBO, Predictive, Trace_ELBO
 from pyro.nn.module import to_pyro_module_
 from torch import nn
 
 from .config import ModelConfig
-from .guides import AuxClassifiers, FullGuide, HistologyEncoder, HistologyGuide
+from .data import QC_CODES
+from .guides import AuxClassifiers, FullGuide, HistologyEncoder, HistologyGuide, classifier_targets
 from .loaders import Batch
 from .models import SparthaModel
 
@@ -102,3 +107,68 @@ class SparthaModule(nn.Module):
         loss_full = self._elbo_full.differentiable_loss(self.model, self.guide_full, *batch)
         loss_hist = self._elbo_hist.differentiable_loss(*self._hist_programs, *batch)
         return loss_full, loss_hist
+
+    def histology_loss(self, batch: Batch) -> torch.Tensor:
+        """The histology path's negative ELBO per spot, always eager (a traced ELBO is fixed to
+        the training minibatch's shape)."""
+        return Trace_ELBO().differentiable_loss(*self._hist_programs, *batch)
+
+    def latent_means(self, batch: Batch, sites: Sequence[str], encoder: str = "full") -> torch.Tensor:
+        """Posterior means of ``sites``, concatenated ``(B, sum of widths)``, from the full guide
+        ``q(Z | X_t, X_h)`` (``encoder="full"``) or the histology guide ``q(Z | X_h)``."""
+        guide = self.guide_full if encoder == "full" else self.guide_hist
+        params = guide.encode(batch.x_t, batch.x_h, batch.has_counts, batch.has_histology)
+        return torch.cat([params[s][0] for s in sites], -1)
+
+    def histology_prediction(self, batch: Batch) -> torch.Tensor:
+        """Expression proportions ``rho(E_q[Z | X_h])`` ``(B, G)``: the decoder at the histology posterior means."""
+        return self.model.decode(self.latent_means(batch, list(self.model.dims), "histology"))[0]
+
+    def posterior_predictive(self, batch: Batch, num_samples: int, site: str, artifact_free: bool) -> torch.Tensor:
+        """Draws ``(num_samples, B, ...)`` of model ``site`` from histology alone: ``Z ~ q(Z | X_h)``,
+        then the model generates (``batch.x_t`` is ignored).
+
+        ``artifact_free``: ``Z_r`` is drawn from its prior given a passing spot,
+        ``p(Z_r | L_r = pass)``, instead of from ``q(Z_r | X_h)`` (hidden from the guide, so
+        ``Predictive`` samples it from the model).
+        """
+        batch = batch._replace(x_t=None, qc=torch.full_like(batch.qc, QC_CODES["pass"]),
+                               index=torch.arange(len(batch.index), device=batch.index.device))
+        hide_r = artifact_free and "z_r" in self.model.dims
+        guide = poutine.block(self.guide_hist, hide=["z_r"]) if hide_r else self.guide_hist
+        predictive = Predictive(self.model, guide=guide, num_samples=num_samples, return_sites=[site])
+        return predictive(*batch)[site]
+
+    def classifier_accuracy(self, batch: Batch) -> dict[str, float]:
+        """``{"acc_<site>": accuracy}`` of each ``q_psi(L | Z)`` at the full guide's posterior means
+        (spots with a known label only)."""
+        params = self.guide_full.encode(batch.x_t, batch.x_h, batch.has_counts, batch.has_histology)
+        targets = classifier_targets(batch.labels, batch.batch, batch.qc, self.model.dims)
+        out = {}
+        for site, head in self.classifiers.heads.items():
+            t = targets[site]
+            known = t >= 0
+            if known.any():
+                pred = head(params[site][0]).argmax(-1)
+                out[f"acc_{site}"] = float((pred[known] == t[known]).float().mean())
+        return out
+
+    @torch.no_grad()
+    def diagnose_nonfinite(self, batch: Batch) -> str:
+        """Names of the model/guide terms (and parameters) that are not finite on ``batch``."""
+        bad = []
+        for path, guide, model in (
+            ("full", self.guide_full, self.model),
+            ("histology", self.histology_guide, self.histology_model),
+        ):
+            guide_tr = poutine.trace(guide).get_trace(*batch)
+            model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*batch)
+            for where, tr in (("guide", guide_tr), ("model", model_tr)):
+                tr.compute_log_prob()
+                for name, site in tr.nodes.items():
+                    if site["type"] == "sample" and not torch.isfinite(site["log_prob_sum"]):
+                        bad.append(f"{where} site {name!r} ({path} path)")
+        nonfinite_params = [n for n, p in self.named_parameters() if not torch.isfinite(p).all()]
+        if nonfinite_params:
+            bad.append(f"parameters {nonfinite_params[:5]}")
+        return "; ".join(bad) or "no single term (overflow in the sum)"
