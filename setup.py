@@ -44,6 +44,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "jupytext", "nbformat", "pyyaml"],
+        # jupytext --execute runs the notebooks in a Jupyter kernel through nbconvert
+        "notebooks": ["jupytext", "nbconvert", "ipykernel"],
     },
     entry_points={"console_scripts": ["spartha=spartha_pyro.cli:main"]},
 )

@@ -15,6 +15,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
+from spartha_pyro.loaders import Batch
 from spartha_pyro.model import SPARTHA
 
 
@@ -86,9 +87,10 @@ def synthetic_adata(
     return adata
 
 
-def build_model(adata: AnnData, hidden: int = 256) -> SPARTHA:
-    """The benchmarked SPARTHA: one label set, slides as batches, QC artifact latent."""
-    return SPARTHA(adata, label_keys=["cell_type"], batch_key="slide", qc_key="qc_pass", hidden=hidden)
+def build_model(adata: AnnData, **config) -> SPARTHA:
+    """The benchmarked SPARTHA: one label set, slides as batches, QC artifact latent; ``config``:
+    :class:`~spartha_pyro.config.ModelConfig` fields (defaults there)."""
+    return SPARTHA(adata, label_keys=["cell_type"], batch_key="slide", qc_key="qc_pass", **config)
 
 
 def sync(device: torch.device) -> None:
@@ -98,7 +100,7 @@ def sync(device: torch.device) -> None:
 
 
 def timed_steps(
-    step: Callable[[dict], torch.Tensor], batches: Iterator[dict], device: torch.device, warmup: int, max_steps: int
+    step: Callable[[Batch], torch.Tensor], batches: Iterator[Batch], device: torch.device, warmup: int, max_steps: int
 ) -> tuple[int, float]:
     """Run ``step`` on minibatches; ``(spots, seconds)`` over the steps after ``warmup``."""
     spots, start, done = 0, None, 0
@@ -109,7 +111,7 @@ def timed_steps(
         step(batch)
         done += 1
         if done > warmup:
-            spots += len(batch["index"])
+            spots += len(batch.index)
         if done >= warmup + max_steps:
             break
     sync(device)

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from spartha_pyro.config import ModelConfig  # light: the package imports its heavy parts lazily
+
 HERE = Path(__file__).resolve().parent
 GENES = (2000, 15000, 36000)
 SPOTS = (1000, 10000, 100000)
@@ -64,8 +66,7 @@ def run_row(args) -> dict:
     sys.path.insert(0, str(HERE))
     from _common import build_model, device_name, peak_host_mb, synthetic_adata, timed_steps
 
-    from spartha_pyro.data import make_loader
-    from spartha_pyro.train import iterate_minibatches
+    from spartha_pyro.loaders import iterate_minibatches, make_loader
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -156,7 +157,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--genes", type=int, nargs="*", default=list(GENES))
     ap.add_argument("--spots", type=int, nargs="*", default=list(SPOTS))
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=ModelConfig.hidden)
     ap.add_argument("--density", type=float, default=0.1, help="mean share of detected genes per spot")
     ap.add_argument("--max-steps", type=int, default=10, help="timed steps per row")
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps per row (JIT traces here)")

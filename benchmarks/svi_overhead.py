@@ -33,25 +33,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import build_model, device_name, synthetic_adata, timed_steps  # noqa: E402
 
-from spartha_pyro.data import make_loader  # noqa: E402
+from spartha_pyro.config import ModelConfig  # noqa: E402
 from spartha_pyro.guides.spartha import classifier_targets  # noqa: E402
+from spartha_pyro.loaders import Batch, iterate_minibatches, make_loader  # noqa: E402
 from spartha_pyro.models.likelihoods import count_likelihood  # noqa: E402
 from spartha_pyro.module import SparthaModule  # noqa: E402
-from spartha_pyro.train import iterate_minibatches  # noqa: E402
 
 
-def _negative_elbo(module: SparthaModule, guide, batch: dict, mask: torch.Tensor | None) -> torch.Tensor:
+def _negative_elbo(module: SparthaModule, guide, batch: Batch, mask: torch.Tensor | None) -> torch.Tensor:
     """``-ELBO`` per spot of one path, by hand: ``-(1/B) sum_n mask_n (log p - log q)_n``."""
     model = module.model
-    x_t, x_h, has_counts, has_histology = batch["x_t"], batch["x_h"], batch["has_counts"], batch["has_histology"]
+    x_t, x_h, has_counts, has_histology = batch.x_t, batch.x_h, batch.has_counts, batch.has_histology
     params = guide.encode(x_t, x_h, has_counts, has_histology)
     z = {s: Normal(*params[s]).rsample() for s in guide.dims}
     log_q = sum(Normal(*params[s]).log_prob(z[s]).sum(-1) for s in guide.dims)
-    targets = classifier_targets(batch["labels"], batch["batch"], batch["qc"], guide.dims)
+    targets = classifier_targets(batch.labels, batch.batch, batch.qc, guide.dims)
     for site, head in guide.classifiers.heads.items():
         t = targets[site]
         log_q = log_q - guide.aux_weights[site] * Categorical(logits=head(z[site])).log_prob(t.clamp(min=0)) * (t >= 0)
-    priors = model.latent_priors(batch["labels"], batch["batch"], batch["qc"])
+    priors = model.latent_priors(batch.labels, batch.batch, batch.qc)
     log_p = sum(prior.log_prob(z[s]) for s, prior in priors.items())
     rho, gate, lib_loc, lib_scale, hist_loc, hist_scale = model.decode(torch.cat([z[s] for s in priors], -1))
     log_lib = torch.log1p(x_t.sum(-1))
@@ -66,14 +66,14 @@ def _negative_elbo(module: SparthaModule, guide, batch: dict, mask: torch.Tensor
     return -elbo.sum() / len(x_t)
 
 
-def torch_loss(module: SparthaModule, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def torch_loss(module: SparthaModule, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss_full, loss_hist)`` as ``SparthaModule.loss``, in plain torch."""
     full = _negative_elbo(module, module.guide_full, batch, None)
-    hist = _negative_elbo(module, module.guide_hist, batch, batch["has_histology"])
+    hist = _negative_elbo(module, module.guide_hist, batch, batch.has_histology)
     return full, hist
 
 
-def check_agreement(module: SparthaModule, batch: dict, seed: int = 0) -> tuple[float, float]:
+def check_agreement(module: SparthaModule, batch: Batch, seed: int = 0) -> tuple[float, float]:
     """Both losses on one batch with the same seed; raises if they differ (rtol 1e-4)."""
     module.configure(module.model.n_spots, jit=False)
     pyro.set_rng_seed(seed)
@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--n-spots", type=int, default=4096)
     ap.add_argument("--n-genes", type=int, default=1000)
-    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=ModelConfig.hidden)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--max-steps", type=int, default=12, help="timed steps per epoch")
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps per epoch (JIT traces and TorchScript optimises here)")

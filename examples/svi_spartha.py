@@ -42,9 +42,11 @@ from pyro.infer import Predictive, Trace_ELBO
 from pyro.optim.clipped_adam import ClippedAdam
 
 import spartha_pyro as sp
-from spartha_pyro.data import QC_CODES, build_registry, class_counts, encode_adata
+from spartha_pyro.config import ModelConfig
+from spartha_pyro.data import QC_CODES, class_counts, encode_adata, setup_anndata
 from spartha_pyro.demo import example_data, holdout_split
 from spartha_pyro.guides import AuxClassifiers, FullGuide, HistologyEncoder, HistologyGuide
+from spartha_pyro.loaders import minibatch
 from spartha_pyro.models import SparthaModel
 
 
@@ -71,19 +73,19 @@ def main(argv: list[str] | None = None) -> None:
     # ---- data: AnnData -> arrays (registry = genes, categories, histology scaling)
     adata, label_key = example_data(args.h5ad, args.data, args.n_spots, args.n_genes, args.seed)
     train, test, histology_only = holdout_split(adata, "slide", args.test_section)
-    registry = build_registry(train, "histology", [label_key], "slide", "qc_pass")
-    data = encode_adata(train, registry, require_counts=True)
+    registry, data = setup_anndata(train, "histology", [label_key], "slide", "qc_pass")
     n_spots, n_genes, hist_dim = data.n, len(registry.genes), registry.histology_dim
     print(f"training on {n_spots} spots × {n_genes} genes, histology {hist_dim}-d; test section "
           f"{test.obs['slide'].iloc[0]} ({test.n_obs} spots)")
 
-    # ---- the generative model p(X_t, X_h | Z) p(Z | L)
+    # ---- the generative model p(X_t, X_h | Z) p(Z | L); the architecture's other settings at their defaults
+    config = ModelConfig(y_dim=8, d_dim=4, r_dim=4, x_dim=4, hidden=args.hidden)
     model = SparthaModel(
         n_spots, n_genes, hist_dim,
         label_class_counts=[class_counts(data.labels[:, 0], len(registry.label_categories[0]))],
         batch_class_counts=class_counts(data.batch, len(registry.batch_categories)),
         qc_class_counts=class_counts(data.qc, len(QC_CODES)),
-        y_dim=8, d_dim=4, r_dim=4, x_dim=4, hidden=args.hidden,
+        config=config,
     )
     dims = model.dims  # {"z_y0": 8, "z_d": 4, "z_r": 4, "z_x": 4}
 
@@ -91,12 +93,12 @@ def main(argv: list[str] | None = None) -> None:
     classified = {s: d for s, d in dims.items() if s != "z_x"}
     n_classes = {"z_y0": len(registry.label_categories[0]), "z_d": len(registry.batch_categories), "z_r": 2}
     classifiers = AuxClassifiers(classified, n_classes)
-    aux_weights = {s: 50.0 for s in classified}
+    aux_weights = {s: config.aux_weights["y" if s.startswith("z_y") else s[-1]] for s in classified}
 
     # ---- the two guides: q(Z | X_h) (prediction path) and q(Z | X_t, X_h), sharing the histology encoder
-    hist_encoder = HistologyEncoder(hist_dim, dims, hidden=args.hidden)
+    hist_encoder = HistologyEncoder(hist_dim, dims, config.hidden, config.histology_dropout, config.histology_encoder)
     guide_hist = HistologyGuide(hist_encoder, n_spots, dims, classifiers, aux_weights)
-    guide_full = FullGuide(n_genes, hist_dim, hist_encoder, n_spots, dims, classifiers, aux_weights, hidden=args.hidden)
+    guide_full = FullGuide(n_genes, hist_dim, hist_encoder, n_spots, dims, classifiers, aux_weights, config.hidden)
 
     # ---- the ELBOs as nn.Modules (see the module docstring: SVI does not see module-local params)
     elbo_full = Trace_ELBO()(model, guide_full)
@@ -114,12 +116,10 @@ def main(argv: list[str] | None = None) -> None:
         total, order = 0.0, rng.permutation(n_spots)
         for start in range(0, n_spots, args.batch_size):
             idx = np.sort(order[start:start + args.batch_size])  # the plate's subsample indices
-            batch = data.minibatch(idx, device, n_genes)
-            b = (batch["x_t"], batch["x_h"], batch["labels"], batch["batch"], batch["qc"], batch["has_counts"],
-                 batch["has_histology"], batch["index"])
-            loss = elbo_full(*b)  # -ELBO per spot of the full path
-            with poutine.mask(mask=batch["has_histology"]):
-                loss = loss + elbo_hist(*b)  # histology path, only where there is histology
+            batch = minibatch(data, idx, device, n_genes)  # the model's arguments, in order
+            loss = elbo_full(*batch)  # -ELBO per spot of the full path
+            with poutine.mask(mask=batch.has_histology):
+                loss = loss + elbo_hist(*batch)  # histology path, only where there is histology
             optim.zero_grad()
             loss.backward()
             optim.step()
@@ -132,13 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     for module in (model, guide_full, guide_hist):
         module.eval()
     new = encode_adata(histology_only, registry)
-    batch = new.minibatch(np.arange(new.n), device, n_genes)
-    qc_pass = torch.full_like(batch["qc"], QC_CODES["pass"])  # artifact-free generation
+    batch = minibatch(new, np.arange(new.n), device, n_genes)
+    qc_pass = torch.full_like(batch.qc, QC_CODES["pass"])  # artifact-free generation
     guide = poutine.block(guide_hist, hide=["z_r"])  # z_r not in the guide: Predictive draws it from the prior
     predictive = Predictive(model, guide=guide, num_samples=args.num_samples, return_sites=["x_t"])
     with torch.no_grad():
-        draws = predictive(None, batch["x_h"], batch["labels"], batch["batch"], qc_pass, batch["has_counts"],
-                           batch["has_histology"], torch.arange(new.n, device=device))["x_t"]
+        draws = predictive(*batch._replace(x_t=None, qc=qc_pass, index=torch.arange(new.n, device=device)))["x_t"]
     draws = draws.reshape(args.num_samples, new.n, n_genes).cpu().numpy()
     pred = sp.metrics.normalize_log1p(draws).mean(0)  # posterior mean in the metric's space
     observed = sp.metrics.normalize_log1p(test[:, registry.genes].X)

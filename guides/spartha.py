@@ -97,13 +97,13 @@ class NormalHeads(nn.Module):
 
 
 class HistologyEncoder(nn.Module):
-    """``X_h -> {site: (loc, scale)}``; ``kind="mlp"`` (default) or ``"linear"`` (ridge-like).
+    """``X_h -> {site: (loc, scale)}``; ``kind="mlp"`` or ``"linear"`` (ridge-like).
 
     Input dropout on the histology vector regularises the path that must generalise to new
     slides. Rows of spots without histology are zeroed before encoding.
     """
 
-    def __init__(self, histology_dim: int, dims: Mapping[str, int], hidden: int = 256, dropout: float = 0.2, kind: str = "mlp"):
+    def __init__(self, histology_dim: int, dims: Mapping[str, int], hidden: int, dropout: float, kind: str):
         super().__init__()
         if kind not in ("mlp", "linear"):
             raise ValueError(f"histology encoder kind must be 'mlp' or 'linear', got {kind!r}")
@@ -155,7 +155,7 @@ class HistologyGuide(_GuideBase):
 class FullGuide(_GuideBase):
     """``q(Z | X_t, X_h)``: expression + histology posterior; spots without counts use ``q(Z | X_h)``."""
 
-    def __init__(self, n_genes: int, histology_dim: int, histology_encoder: HistologyEncoder, n_spots, dims, classifiers, aux_weights, hidden: int = 256, dropout: float = 0.1):
+    def __init__(self, n_genes: int, histology_dim: int, histology_encoder: HistologyEncoder, n_spots, dims, classifiers, aux_weights, hidden: int, dropout: float = 0.1):
         super().__init__(n_spots, dims, classifiers, aux_weights)
         self.histology_encoder = histology_encoder
         self.expression = make_fc([n_genes + 1, hidden], dropout=dropout, last_activation=True)

@@ -42,6 +42,7 @@ from pyro import poutine
 from pyro.nn import PyroModule
 from torch import nn
 
+from ..config import ModelConfig
 from .likelihoods import LabelConditionedNormal, count_likelihood
 
 def make_fc(dims: Sequence[int], dropout: float = 0.0, last_activation: bool = False) -> nn.Sequential:
@@ -86,10 +87,9 @@ class SparthaModel(PyroModule):
         numbers; the counts weight the prior mixture for unlabelled spots).
     batch_class_counts, qc_class_counts
         Per-class counts for the batch and the QC label (``[n_fail, n_pass]``).
-    artifact_latent
-        ``False`` drops ``Z_r`` (SpatialDIVA).
-    likelihood
-        ``"nb"`` or ``"zinb"``.
+    config
+        Architecture: ``y_dim``, ``d_dim``, ``r_dim``, ``x_dim``, ``hidden``, ``likelihood``
+        and ``artifact_latent`` (``False`` drops ``Z_r``: SpatialDIVA) are read here.
     gene_mask
         Bool ``(n_batches, G)``: ``True`` where batch ``d`` measured gene ``g`` (``None``:
         every batch measured every gene). A batch with no measured gene (no counts) counts
@@ -104,39 +104,32 @@ class SparthaModel(PyroModule):
         label_class_counts: Sequence[torch.Tensor],
         batch_class_counts: torch.Tensor,
         qc_class_counts: torch.Tensor,
-        y_dim: int = 16,
-        d_dim: int = 8,
-        r_dim: int = 8,
-        x_dim: int = 8,
-        hidden: int = 256,
-        artifact_latent: bool = True,
-        likelihood: str = "nb",
+        config: ModelConfig | None = None,
         gene_mask: torch.Tensor | None = None,
     ):
         super().__init__()
-        if likelihood not in ("nb", "zinb"):
-            raise ValueError(f"likelihood must be 'nb' or 'zinb', got {likelihood!r}")
+        c = config or ModelConfig()
         self.n_spots, self.n_genes, self.histology_dim = n_spots, n_genes, histology_dim
-        self.artifact_latent, self.likelihood = artifact_latent, likelihood
-        self.dims = {f"z_y{k}": y_dim for k in range(len(label_class_counts))}
-        self.dims["z_d"] = d_dim
-        if artifact_latent:
-            self.dims["z_r"] = r_dim
-        if x_dim > 0:
-            self.dims["z_x"] = x_dim
+        self.artifact_latent, self.likelihood = c.artifact_latent, c.likelihood
+        self.dims = {f"z_y{k}": c.y_dim for k in range(len(label_class_counts))}
+        self.dims["z_d"] = c.d_dim
+        if c.artifact_latent:
+            self.dims["z_r"] = c.r_dim
+        if c.x_dim > 0:
+            self.dims["z_x"] = c.x_dim
 
-        self.prior_y = nn.ModuleList([LabelPrior(c, y_dim) for c in label_class_counts])
-        self.prior_d = LabelPrior(batch_class_counts, d_dim)
-        self.prior_r = LabelPrior(qc_class_counts, r_dim) if artifact_latent else None
+        self.prior_y = nn.ModuleList([LabelPrior(counts, c.y_dim) for counts in label_class_counts])
+        self.prior_d = LabelPrior(batch_class_counts, c.d_dim)
+        self.prior_r = LabelPrior(qc_class_counts, c.r_dim) if c.artifact_latent else None
 
         z_total = sum(self.dims.values())
-        self.trunk = make_fc([z_total, hidden, hidden], last_activation=True)
-        self.gene_logits = nn.Linear(hidden, n_genes)
-        self.gate_logits = nn.Linear(hidden, n_genes) if likelihood == "zinb" else None
+        self.trunk = make_fc([z_total, c.hidden, c.hidden], last_activation=True)
+        self.gene_logits = nn.Linear(c.hidden, n_genes)
+        self.gate_logits = nn.Linear(c.hidden, n_genes) if c.likelihood == "zinb" else None
         self.log_theta = nn.Parameter(torch.full((n_genes,), 1.0))
-        self.library_loc = nn.Linear(hidden, 1)
+        self.library_loc = nn.Linear(c.hidden, 1)
         self.library_raw_scale = nn.Parameter(torch.zeros(1))
-        self.histology_loc = nn.Linear(hidden, histology_dim)
+        self.histology_loc = nn.Linear(c.hidden, histology_dim)
         self.histology_raw_scale = nn.Parameter(torch.zeros(histology_dim))
         if gene_mask is not None:
             if gene_mask.shape != (len(batch_class_counts), n_genes):

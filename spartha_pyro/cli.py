@@ -20,6 +20,7 @@ override the file. Exit codes: 0 success, 2 bad usage or input, 1 any other fail
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tomllib
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ._errors import InputError
+from .config import AUX_KINDS, ModelConfig
 
 #: exit codes
 OK, FAILURE, BAD_INPUT = 0, 1, 2
@@ -77,7 +79,7 @@ def _aux_weights(items: Sequence[str] | None) -> dict[str, float]:
     out = {}
     for item in items or ():
         key, sep, value = item.partition("=")
-        if not sep or key not in ("y", "d", "r"):
+        if not sep or key not in AUX_KINDS:
             raise InputError(f"--aux-weights takes y=W, d=W or r=W, got {item!r}")
         try:
             out[key] = float(value)
@@ -119,11 +121,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         adata, histology_key=args.histology_key, label_keys="auto" if args.label_keys is None else args.label_keys,
         batch_key=args.batch_key, histology_scaling=args.histology_scaling,
         qc_key=args.qc_key, layer=args.layer, counts_key=args.counts_key,
-        gene_mask_key=args.gene_mask_key, artifact_latent=args.artifact_latent,
-        likelihood=args.likelihood,
-        y_dim=args.y_dim, d_dim=args.d_dim, r_dim=args.r_dim, x_dim=args.x_dim, hidden=args.hidden,
-        aux_weights=_aux_weights(args.aux_weights), histology_weight=args.histology_weight,
-        histology_encoder=args.histology_encoder, histology_dropout=args.histology_dropout, seed=args.seed,
+        gene_mask_key=args.gene_mask_key, seed=args.seed, **_model_config(args),
     )
     print(model)
     history = model.train(
@@ -294,21 +292,9 @@ def _add_train(sub) -> None:
                    help="boolean obs column, False for spots without measured counts (default: all have counts)")
     g.add_argument("--gene-mask-key", default=None,
                    help="varm key of the genes x batches bool mask of measured genes, e.g. 'measured' after an outer join")
-    g = p.add_argument_group("model")
-    g.add_argument("--no-artifact-latent", dest="artifact_latent", action="store_false",
-                   help="drop the artifact latent Z_r: the SpatialDIVA ablation")
-    g.add_argument("--likelihood", default="nb", choices=["nb", "zinb"], help="count likelihood")
-    g.add_argument("--y-dim", type=int, default=16, help="width of each label latent Z_y")
-    g.add_argument("--d-dim", type=int, default=8, help="width of the batch latent Z_d")
-    g.add_argument("--r-dim", type=int, default=8, help="width of the artifact latent Z_r")
-    g.add_argument("--x-dim", type=int, default=8, help="width of the free residual Z_x (0 drops it)")
-    g.add_argument("--hidden", type=int, default=256, help="hidden width of decoder and encoders")
-    g.add_argument("--aux-weights", nargs="*", metavar="K=W", help="classifier weights, e.g. y=50 d=50 r=50")
-    g.add_argument("--histology-weight", type=float, default=1.0, help="weight of the histology-only ELBO")
-    g.add_argument("--histology-encoder", default="mlp", choices=["mlp", "linear"], help="histology-only encoder")
-    g.add_argument("--histology-dropout", type=float, default=0.2, help="input dropout of the histology encoder")
     g.add_argument("--histology-scaling", default="section", choices=["section", "global"],
                    help="standardise histology per section (default; removes a slide's stain shift) or globally")
+    _add_model_config(p.add_argument_group("model"))
     g = p.add_argument_group("training")
     g.add_argument("--max-epochs", type=int, default=100, help="maximum passes over the spots")
     g.add_argument("--batch-size", type=int, default=256, help="spots per minibatch")
@@ -335,6 +321,26 @@ def _add_train(sub) -> None:
                    help="continue from the latest checkpoint in --checkpoint-dir (same data and options)")
     _common(p)
     p.set_defaults(func=cmd_train)
+
+
+def _add_model_config(group) -> None:
+    """One option per :class:`~spartha_pyro.config.ModelConfig` field, its default and help from the field."""
+    for f in dataclasses.fields(ModelConfig):
+        flag, default, help_ = "--" + f.name.replace("_", "-"), f.default, f.metadata["help"]
+        if f.name == "aux_weights":
+            defaults = [f"{k}={v:g}" for k, v in f.default_factory().items()]
+            group.add_argument(flag, nargs="*", metavar="K=W", default=defaults, help=help_)
+        elif isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        else:
+            group.add_argument(flag, type=type(default), default=default, choices=f.metadata.get("choices"), help=help_)
+
+
+def _model_config(args: argparse.Namespace) -> dict:
+    """The :class:`~spartha_pyro.config.ModelConfig` fields given to ``spartha train``."""
+    config = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)}
+    config["aux_weights"] = _aux_weights(config["aux_weights"])
+    return config
 
 
 def _add_predict(sub) -> None:
@@ -508,7 +514,8 @@ def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     for key, value in config.items():
         action = options[key]
         action.required = False
-        negated = isinstance(action, argparse._StoreFalseAction) and key != action.dest  # quiet = true
+        # quiet = true (store_false), no_refit = true (--no-refit of a BooleanOptionalAction)
+        negated = key != action.dest and (isinstance(action, argparse._StoreFalseAction) or key == f"no_{action.dest}")
         defaults[action.dest] = (not value) if negated else value
     sub.set_defaults(**defaults)
 

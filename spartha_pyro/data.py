@@ -1,20 +1,11 @@
-"""AnnData -> validated arrays -> device minibatches: the one seam between data and the model.
+"""AnnData -> validated host arrays (no tensors, no minibatches: those are :mod:`spartha_pyro.loaders`).
 
-:func:`build_registry` checks a training AnnData and records what the model is trained on
-(genes, histology width and standardisation, label categories). :func:`encode_adata` turns
-any AnnData (training or new) into :class:`SpotArrays` under that registry, and
-:meth:`SpotArrays.minibatch` produces the tensors for one minibatch: counts stay sparse (CSR)
-on the host and are densified on the device, one minibatch at a time. A spots × genes matrix
-is never dense on the host.
-
-Training reads minibatches through a loader (:func:`make_loader`):
-
-- :class:`DeviceLoader` uploads the whole data set once (counts as CSR arrays) and gathers and
-  densifies each minibatch on the device: no host work and no host-device sync per step.
-  Chosen when the data fit in a quarter of the free device memory (always on CPU).
-- :class:`HostLoader` slices CSR rows on the host (from memory, or from an h5ad opened with
-  ``backed="r"``: only the minibatch's rows are read), pins them and prefetches the next
-  minibatch on a background thread while the device trains on the current one.
+:func:`setup_anndata` validates a training AnnData once and returns its :class:`Registry`
+(what the model is trained on: data keys, genes, histology width and standardisation, label
+categories) with its :class:`SpotArrays`. :func:`encode_adata` turns any other AnnData (new
+spots, or the training spots of a loaded model) into :class:`SpotArrays` under a registry.
+Counts stay sparse (CSR, or rows of a backed h5ad read on demand): a spots × genes matrix is
+never dense on the host.
 
 Conventions
 -----------
@@ -30,10 +21,8 @@ Conventions
 """
 from __future__ import annotations
 
-import queue
-import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -107,39 +96,6 @@ class SpotArrays:
             return self.count_mask
         return np.full(self.n, self.counts is not None)
 
-    def minibatch(self, idx: np.ndarray, device: torch.device, n_genes: int) -> dict[str, torch.Tensor]:
-        """Tensors for spots ``idx`` on ``device``: the model's keyword arguments.
-
-        Counts are sliced as CSR on the host and densified on the device; spots without
-        counts get an all-zero row, masked by ``has_counts``.
-        """
-        idx = np.asarray(idx)
-        pin = device.type == "cuda"
-
-        def t(a):
-            a = torch.from_numpy(np.ascontiguousarray(a))
-            return (a.pin_memory() if pin else a).to(device, non_blocking=pin)
-
-        if self.counts is not None:
-            sub = self.counts[idx]
-            crow, col, val = (t(a) for a in (sub.indptr.astype(np.int64), sub.indices, sub.data))
-            rows = torch.arange(len(idx), device=device)
-            x_t = densify_rows(crow, col, val, rows, n_genes, int(np.diff(sub.indptr).max(initial=0)))
-        else:
-            x_t = torch.zeros(len(idx), n_genes, device=device)
-
-        return {
-            "x_t": x_t,
-            "x_h": t(self.x_h[idx]),
-            "labels": t(self.labels[idx]),
-            "batch": t(self.batch[idx]),
-            "qc": t(self.qc[idx]),
-            "has_counts": t(self.has_counts[idx]),
-            "has_histology": t(self.has_histology[idx]),
-            "index": t(idx.astype(np.int64)),
-        }
-
-
 class BackedCounts:
     """Rows of a sparse counts matrix in an h5ad opened with ``backed="r"``, read on demand.
 
@@ -159,150 +115,6 @@ class BackedCounts:
         """CSR float32 ``(len(idx), G)`` for sorted row indices ``idx``."""
         sub = sp.csr_matrix(self.matrix[np.asarray(idx)], dtype=np.float32)
         return sub[:, self.gene_order].tocsr() if self.gene_order is not None else sub
-
-
-def densify_rows(
-    crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, rows: torch.Tensor, n_genes: int, max_nnz: int
-) -> torch.Tensor:
-    """Dense ``(len(rows), n_genes)`` float32 rows of a CSR matrix given as device tensors.
-
-    A padded gather: every row reads ``max_nnz`` slots (the longest row of the matrix) and
-    masks the slots past its end, so no output size depends on the data and no host-device
-    synchronisation is needed.
-
-    Parameters
-    ----------
-    crow, col, val
-        CSR row pointers ``(n + 1,)`` int64, column indices ``(nnz,)`` and values ``(nnz,)``.
-    rows
-        ``(B,)`` int64 row indices.
-    n_genes
-        Number of columns ``G``.
-    max_nnz
-        An upper bound of the number of stored entries in any row.
-    """
-    out = torch.zeros(len(rows), n_genes, dtype=val.dtype, device=val.device)
-    if max_nnz == 0 or val.numel() == 0:
-        return out
-    start, end = crow[rows], crow[rows + 1]
-    slot = start.unsqueeze(1) + torch.arange(max_nnz, device=val.device)
-    inside = slot < end.unsqueeze(1)
-    slot = torch.where(inside, slot, torch.zeros_like(slot))
-    return out.scatter_add_(1, col[slot].long(), val[slot] * inside)
-
-
-class DeviceLoader:
-    """The whole data set on ``device``; minibatches gathered and densified there.
-
-    Parameters
-    ----------
-    data
-        In-memory spot arrays (counts CSR or ``None``).
-    device
-        Where the arrays live and the model trains.
-    n_genes
-        Number of genes ``G``.
-    """
-
-    def __init__(self, data: SpotArrays, device: torch.device, n_genes: int):
-        self.device, self.n_genes = device, n_genes
-        put = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
-        self.tensors = {
-            "x_h": put(data.x_h),
-            "labels": put(data.labels),
-            "batch": put(data.batch),
-            "qc": put(data.qc),
-            "has_counts": put(data.has_counts),
-            "has_histology": put(data.has_histology),
-        }
-        self.csr = None
-        if data.counts is not None:
-            c = data.counts
-            # copy=False: on CPU the "upload" is a view of the validated CSR arrays, not a second copy
-            arrays = (c.indptr.astype(np.int64, copy=False), c.indices.astype(np.int32, copy=False), c.data.astype(np.float32, copy=False))
-            self.csr = tuple(put(a) for a in arrays)
-            self.max_nnz = int(np.diff(c.indptr).max(initial=0))
-
-    @staticmethod
-    def nbytes(data: SpotArrays) -> int:
-        """Device bytes the arrays of ``data`` take once uploaded."""
-        fixed = data.x_h.nbytes + data.labels.nbytes + 3 * data.n * 8
-        if data.counts is None:
-            return fixed
-        return fixed + data.counts.nnz * 8 + (data.n + 1) * 8
-
-    def batches(self, index_batches: Iterator[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
-        """Minibatch dicts (model arguments) for each array of spot indices."""
-        pin = self.device.type == "cuda"
-        for idx in index_batches:
-            rows = torch.from_numpy(np.asarray(idx, dtype=np.int64))
-            rows = (rows.pin_memory() if pin else rows).to(self.device, non_blocking=pin)
-            batch = {k: v[rows] for k, v in self.tensors.items()}
-            if self.csr is not None:
-                batch["x_t"] = densify_rows(*self.csr, rows, self.n_genes, self.max_nnz)
-            else:
-                batch["x_t"] = torch.zeros(len(idx), self.n_genes, device=self.device)
-            batch["index"] = rows
-            yield batch
-
-
-class HostLoader:
-    """Minibatches sliced on the host (memory or backed h5ad), prefetched on a thread.
-
-    While the device computes step ``t``, a background thread reads, pins and copies the
-    rows of step ``t + 1`` (up to ``prefetch`` minibatches ahead).
-    """
-
-    def __init__(self, data: SpotArrays, device: torch.device, n_genes: int, prefetch: int = 2):
-        self.data, self.device, self.n_genes, self.prefetch = data, device, n_genes, prefetch
-
-    def batches(self, index_batches: Iterator[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
-        """Minibatch dicts (model arguments) for each array of spot indices."""
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        done = object()
-        stop = threading.Event()
-
-        def work():
-            try:
-                for idx in index_batches:
-                    if stop.is_set():
-                        return
-                    q.put(self.data.minibatch(idx, self.device, self.n_genes))
-                q.put(done)
-            except BaseException as err:  # re-raised in the consumer
-                q.put(err)
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        try:
-            while (item := q.get()) is not done:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while thread.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    thread.join(0.01)
-
-
-def make_loader(data: SpotArrays, device: torch.device, n_genes: int, kind: str = "auto") -> DeviceLoader | HostLoader:
-    """A training loader: ``"device"``, ``"host"``, or ``"auto"``.
-
-    ``"auto"`` keeps the data on the device when they are in memory (not backed) and take at
-    most a quarter of the free device memory (always on CPU), else reads from the host.
-    """
-    if kind not in ("auto", "device", "host"):
-        raise ValueError(f"loader must be 'auto', 'device' or 'host', got {kind!r}")
-    if kind == "auto":
-        in_memory = not isinstance(data.counts, BackedCounts)
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
-        kind = "device" if in_memory and DeviceLoader.nbytes(data) <= free / 4 else "host"
-    if kind == "device" and isinstance(data.counts, BackedCounts):
-        raise ValueError("loader='device' needs counts in memory; this data set is backed on disk")
-    return DeviceLoader(data, device, n_genes) if kind == "device" else HostLoader(data, device, n_genes)
 
 
 def _name_spots(obs_names: pd.Index, mask: np.ndarray, limit: int = 5) -> str:
@@ -408,7 +220,7 @@ def _qc_codes(adata: AnnData, key: str | None) -> np.ndarray:
     return lower.map(QC_CODES).fillna(-1).to_numpy().astype(np.int64)
 
 
-def build_registry(
+def setup_anndata(
     adata: AnnData,
     histology_key: str,
     label_keys: Sequence[str],
@@ -418,21 +230,28 @@ def build_registry(
     counts_key: str | None = None,
     gene_mask_key: str | None = None,
     histology_scaling: str = "section",
-) -> Registry:
-    """Validate a training AnnData and record genes, categories and histology scaling.
+) -> tuple[Registry, SpotArrays]:
+    """Validate a training AnnData once: its registry (keys, genes, categories, histology
+    scaling) and its arrays (with counts, as ``encode_adata(adata, registry, require_counts=True)``).
 
     Warns when a label set has no label on any spot with histology: its classifier then
     never sees an imaged spot, and the histology-only path learns that latent through the
     decoder alone.
     """
+    if adata.n_obs == 0:  # before the label/QC checks, whose messages would mislead
+        raise InputError("adata has 0 spots: nothing to train on")
     _check_obs_names(adata)
     if histology_scaling not in HISTOLOGY_SCALINGS:
         raise InputError(f"histology_scaling must be one of {HISTOLOGY_SCALINGS}, got {histology_scaling!r}")
     if adata.n_vars == 0:
         raise InputError("the training AnnData has no genes: SPARTHA needs counts to learn expression")
+    if not adata.var_names.is_unique:
+        raise InputError("var names must be unique")
     if gene_mask_key is not None and batch_key is None:
         raise InputError("gene_mask_key needs batch_key: the mask says which genes each batch measured")
-    for key in [*label_keys, *(k for k in (batch_key, qc_key) if k is not None)]:
+    if qc_key is not None and qc_key not in adata.obs:
+        raise InputError(f"qc_key {qc_key!r} is not a column of adata.obs; run sp.pp.annotate_qc(adata) first")
+    for key in [*label_keys, *(k for k in (batch_key,) if k is not None)]:
         if key not in adata.obs:
             raise InputError(f"obs key {key!r} is not a column of adata.obs")
     if len(set(label_keys)) != len(label_keys):
@@ -446,11 +265,10 @@ def build_registry(
     batch_categories = sorted(adata.obs[batch_key].dropna().astype(str).unique()) if batch_key else ["all"]
     if batch_key and adata.obs[batch_key].isna().any():
         raise InputError(f"obs[{batch_key!r}] has missing values: every training spot needs a batch")
-    if qc_key is not None:
-        qc = _qc_codes(adata, qc_key)
-        if (qc < 0).all():
-            raise InputError(f"obs[{qc_key!r}] has no pass/fail labels")
-    _counts_matrix(adata, layer)
+    qc = _qc_codes(adata, qc_key)
+    if qc_key is not None and (qc < 0).all():
+        raise InputError(f"obs[{qc_key!r}] has no pass/fail labels")
+    counts = _counts_matrix(adata, layer)
     H, has = _histology(adata, histology_key, None)
     if not has.any():
         raise InputError(f"obsm[{histology_key!r}] is missing (all NaN) for every spot")
@@ -474,7 +292,7 @@ def build_registry(
     mean = H[has].mean(0)
     std = H[has].std(0)
     std = np.where(std > 1e-6, std, 1.0)
-    return Registry(
+    registry = Registry(
         histology_key=histology_key,
         label_keys=list(label_keys),
         batch_key=batch_key,
@@ -491,6 +309,16 @@ def build_registry(
         histology_scaling=histology_scaling,
         histology_recipe=read_recipe(adata, histology_key),
     )
+    return registry, _encode(adata, registry, counts, H, has, qc, require_counts=True)
+
+
+def add_label_set(adata: AnnData, registry: Registry, data: SpotArrays, key: str) -> None:
+    """Register ``obs[key]`` (categorical; missing = unlabelled) as one more label set of the
+    AnnData ``data`` encodes: its categories into ``registry``, its codes into ``data.labels``."""
+    categories = sorted(adata.obs[key].dropna().astype(str).unique())
+    registry.label_keys.append(key)
+    registry.label_categories.append(categories)
+    data.labels = np.column_stack([data.labels, _codes(adata.obs[key], categories)])
 
 
 HISTOLOGY_SCALINGS = ("section", "global")
@@ -571,9 +399,6 @@ def encode_adata(adata: AnnData, registry: Registry, require_counts: bool = Fals
             counts = X[:, order].tocsr()
     elif require_counts:
         raise InputError("this AnnData has no genes, but counts are required here")
-    count_mask = None
-    if counts is not None and registry.counts_key is not None and registry.counts_key in adata.obs:
-        count_mask = read_count_mask(adata, registry.counts_key)
 
     if registry.histology_key in adata.obsm:
         H, has_h = _histology(adata, registry.histology_key, registry.histology_dim)
@@ -583,6 +408,23 @@ def encode_adata(adata: AnnData, registry: Registry, require_counts: bool = Fals
         raise InputError(
             f"adata has neither counts nor obsm[{registry.histology_key!r}]: nothing to encode"
         )
+    return _encode(adata, registry, counts, H, has_h, _qc_codes(adata, registry.qc_key), require_counts)
+
+
+def _encode(
+    adata: AnnData,
+    registry: Registry,
+    counts: sp.csr_matrix | BackedCounts | None,
+    H: np.ndarray,
+    has_h: np.ndarray,
+    qc: np.ndarray,
+    require_counts: bool,
+) -> SpotArrays:
+    """:class:`SpotArrays` from validated counts (training gene order), raw histology and QC codes."""
+    count_mask = None
+    if counts is not None and registry.counts_key is not None and registry.counts_key in adata.obs:
+        count_mask = read_count_mask(adata, registry.counts_key)
+
     sections = None
     if registry.histology_scaling == "section" and registry.batch_key is not None and registry.batch_key in adata.obs:
         sections = adata.obs[registry.batch_key].astype(str).to_numpy()
@@ -608,7 +450,7 @@ def encode_adata(adata: AnnData, registry: Registry, require_counts: bool = Fals
         has_histology=has_h,
         labels=labels,
         batch=batch,
-        qc=_qc_codes(adata, registry.qc_key),
+        qc=qc,
         count_mask=count_mask,
     )
     if require_counts and registry.gene_mask_key is not None:

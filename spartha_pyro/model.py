@@ -14,15 +14,15 @@ import pyro
 import torch
 import xarray as xr
 from anndata import AnnData
-from pyro import poutine
-from pyro.infer import Predictive
 
 from ._errors import InputError
+from .config import ModelConfig
 from .io.write import atomic_path
-from .data import QC_CODES, Registry, SpotArrays, build_registry, class_counts, encode_adata
-from .module import SparthaModule, batch_args
+from .data import QC_CODES, Registry, SpotArrays, add_label_set, class_counts, encode_adata, setup_anndata
+from .loaders import iterate_minibatches, minibatch
+from .module import SparthaModule
 from .recipe import check_recipe, read_recipe
-from .train import TrainConfig, fit, iterate_minibatches, resolve_device, selection_summary
+from .train import TrainConfig, fit, resolve_device, selection_summary
 
 FORMAT_VERSION = 1
 LATENTS = ("y", "d", "r", "x")
@@ -68,22 +68,6 @@ class SPARTHA:
         renormalised over the measured genes) instead of being read as zeros; the full
         guide's encoder still sees the zero-filled values as input. ``None``: every batch
         measured every gene.
-    artifact_latent
-        ``False`` removes ``Z_r`` and its classifier: the SpatialDIVA baseline.
-    likelihood
-        ``"nb"`` (default) or ``"zinb"``.
-    y_dim, d_dim, r_dim, x_dim
-        Latent widths; ``x_dim=0`` drops the free residual latent ``Z_x``.
-    hidden
-        Hidden width of decoder and encoders.
-    aux_weights
-        Weights of the classifier factors, ``{"y": ..., "d": ..., "r": ...}`` (default 50 each).
-    histology_weight
-        Weight of the histology-only ELBO in the objective.
-    histology_encoder
-        ``"mlp"`` or ``"linear"`` (ridge-like) histology-only encoder.
-    histology_dropout
-        Input dropout of the histology encoder.
     histology_scaling
         ``"section"`` (default): standardise each section's histology vectors by that
         section's own mean and sd (sections by ``obs[batch_key]``; an AnnData to predict
@@ -94,6 +78,11 @@ class SPARTHA:
     seed
         Seed of the initial weights (``train(seed=...)`` seeds minibatches and Monte Carlo
         draws): the same seeds give the same fit.
+    **config
+        Architecture hyperparameters, the fields of :class:`~spartha_pyro.config.ModelConfig`
+        (kept in ``self.config``; another name raises :class:`InputError`):
+
+{config}
 
     Examples
     --------
@@ -114,43 +103,23 @@ class SPARTHA:
         layer: str | None = None,
         counts_key: str | None = None,
         gene_mask_key: str | None = None,
-        artifact_latent: bool = True,
-        likelihood: str = "nb",
-        y_dim: int = 16,
-        d_dim: int = 8,
-        r_dim: int = 8,
-        x_dim: int = 8,
-        hidden: int = 256,
-        aux_weights: Mapping[str, float] | None = None,
-        histology_weight: float = 1.0,
-        histology_encoder: str = "mlp",
-        histology_dropout: float = 0.2,
         histology_scaling: str = "section",
         seed: int = 0,
+        **config,
     ):
+        self.config = ModelConfig.from_kwargs(config)
+        artifact_latent = self.config.artifact_latent
         auto = isinstance(label_keys, str) and label_keys == "auto"
         if isinstance(label_keys, str) and not auto:
             label_keys = [label_keys]
-        if adata.n_obs == 0:  # before the label/QC checks, whose messages would mislead
-            raise InputError("adata has 0 spots: nothing to train on")
         if artifact_latent and qc_key is None:
             raise InputError("artifact_latent=True needs qc_key (run sp.pp.annotate_qc first)")
-        if artifact_latent and qc_key not in adata.obs:
-            raise InputError(
-                f"qc_key {qc_key!r} is not a column of adata.obs; run sp.pp.annotate_qc(adata) first"
-            )
-        self.registry = build_registry(
+        self.registry, self._data = setup_anndata(
             adata, histology_key, [] if auto else list(label_keys), batch_key, qc_key if artifact_latent else None,
             layer, counts_key, gene_mask_key, histology_scaling,
         )
         self.auto_labels = self._auto_labels(adata, layer, counts_key, seed) if auto else None
-        self.init_kwargs = dict(
-            artifact_latent=artifact_latent, likelihood=likelihood, y_dim=y_dim, d_dim=d_dim, r_dim=r_dim,
-            x_dim=x_dim, hidden=hidden, aux_weights=dict(aux_weights or {}), histology_weight=histology_weight,
-            histology_encoder=histology_encoder, histology_dropout=histology_dropout,
-        )
         self.adata = adata
-        self._data = encode_adata(adata, self.registry, require_counts=True)
         self._init_seed = seed
         self.module = self._initial_module()
         self.history: list[dict] = []
@@ -162,7 +131,7 @@ class SPARTHA:
     # ------------------------------------------------------------------ building
     def _auto_labels(self, adata, layer, counts_key, seed) -> dict | None:
         """``label_keys="auto"`` on validated data: cluster the spots with counts by expression,
-        add the label set to the registry; returns what was chosen (``None``: too few spots)."""
+        add the label set to the registry and the arrays; returns what was chosen (``None``: too few spots)."""
         from .pp.clusters import expression_clusters
 
         spots = adata if counts_key is None else adata[adata.obs[counts_key].astype(bool).to_numpy()].copy()
@@ -173,10 +142,8 @@ class SPARTHA:
         info = expression_clusters(spots, batch_key=self.registry.batch_key, layer=layer, seed=seed)
         if spots is not adata:
             adata.obs[info["key"]] = spots.obs[info["key"]].reindex(adata.obs_names)
-        self.registry.label_keys.append(info["key"])
-        self.registry.label_categories.append(sorted(adata.obs[info["key"]].dropna().astype(str).unique()))
+        add_label_set(adata, self.registry, self._data, info["key"])
         return info
-
 
     def _initial_module(self) -> SparthaModule:
         """A freshly initialised module, weights seeded by ``seed`` (the global RNG is left as it was)."""
@@ -187,7 +154,6 @@ class SPARTHA:
     @pyro.settings.context(module_local_params=True)  # weights stay in the module, out of the user's param store
     def _build_module(self, n_spots: int) -> SparthaModule:
         r, data = self.registry, self._data
-        kw = dict(self.init_kwargs)
         if data is None:  # loaded for prediction only: the saved state restores the class weights and gene mask
             no_codes = np.empty(0, dtype=np.int64)
             labels, batch, qc = np.empty((0, len(r.label_keys)), dtype=np.int64), no_codes, no_codes
@@ -201,17 +167,13 @@ class SPARTHA:
             label_class_counts=[class_counts(labels[:, k], len(c)) for k, c in enumerate(r.label_categories)],
             batch_class_counts=class_counts(batch, len(r.batch_categories)),
             qc_class_counts=class_counts(qc, len(QC_CODES)),
-            aux_weights=kw.pop("aux_weights"),
-            histology_weight=kw.pop("histology_weight"),
-            histology_encoder=kw.pop("histology_encoder"),
-            histology_dropout=kw.pop("histology_dropout"),
+            config=self.config,
             gene_mask=torch.from_numpy(gene_mask) if gene_mask is not None else None,
-            **kw,
         )
 
     def __repr__(self) -> str:
         r = self.registry
-        kind = "SPARTHA" if self.init_kwargs["artifact_latent"] else "SPARTHA(artifact_latent=False) [SpatialDIVA]"
+        kind = "SPARTHA" if self.config.artifact_latent else "SPARTHA(artifact_latent=False) [SpatialDIVA]"
         return (
             f"{kind}: {self._data.n if self._data is not None else 'no training'} spots × {len(r.genes)} genes, histology {r.histology_dim}-d, "
             f"labels {r.label_keys}, batch {r.batch_key!r}, qc {r.qc_key!r}, latents {self.module.model.dims}, "
@@ -275,7 +237,7 @@ class SPARTHA:
             ``"auto"``: keep the data on the device when they fit (a quarter of free device
             memory; not for a backed AnnData), else ``"host"``: read minibatches on the host
             (rows of a ``backed="r"`` h5ad are read per minibatch) with a prefetch thread.
-            ``"device"`` forces the former. See :func:`spartha_pyro.data.make_loader`.
+            ``"device"`` forces the former. See :func:`spartha_pyro.loaders.make_loader`.
         checkpoint_dir
             Folder of training checkpoints (``ckpt-000012.pt``: epoch 12 done), each written
             atomically, holding the module, optimizer, history, early-stopping and random
@@ -425,7 +387,7 @@ class SPARTHA:
         (:func:`spartha_pyro.metrics.nll`). ZINB models raise: their predictive also needs
         the zero-inflation gate per draw, which the model does not expose.
         """
-        if self.init_kwargs["likelihood"] != "nb":
+        if self.config.likelihood != "nb":
             raise InputError("dispersion (and the NB predictive density) is defined for likelihood='nb' only")
         return self.module.model.log_theta.detach().double().exp().cpu().numpy()
 
@@ -479,10 +441,8 @@ class SPARTHA:
         module = self.module.to(self.device).eval()
         out = []
         for b in iterate_minibatches(data.n, batch_size, None, False):
-            batch = data.minibatch(b, self.device, len(self.registry.genes))
-            guide = module.guide_full if encoder == "full" else module.guide_hist
-            params = guide.encode(batch["x_t"], batch["x_h"], batch["has_counts"], batch["has_histology"])
-            out.append(torch.cat([params[s][0] for s in sites], -1).cpu().numpy())
+            batch = minibatch(data, b, self.device, len(self.registry.genes))
+            out.append(module.latent_means(batch, sites, encoder).cpu().numpy())
         z = np.concatenate(out)
         adata_out.obsm[key_added or f"X_spartha_{latent}" + (f"_{label_key}" if label_key else "")] = z
         return z
@@ -602,20 +562,15 @@ class SPARTHA:
                chunk: int):
         """Yield ``(spot indices b, draws (s, len(b), G))`` of ``site`` from ``q(Z | X_h)``, ``chunk``
         draws at a time (see :meth:`predict_expression` for ``artifact``)."""
-        use_prior_r = artifact == "pass" and "z_r" in self.module.model.dims
         module = self.module.to(self.device).eval()
-        guide = poutine.block(module.guide_hist, hide=["z_r"]) if use_prior_r else module.guide_hist
         pyro.set_rng_seed(seed)
         n_genes = len(self.registry.genes)
         for b in iterate_minibatches(data.n, batch_size, None, False):
-            batch = data.minibatch(b, self.device, n_genes)
-            batch["qc"] = torch.full_like(batch["qc"], QC_CODES["pass"])
-            batch["x_t"] = None
-            batch["index"] = torch.arange(len(b), device=self.device)
+            batch = minibatch(data, b, self.device, n_genes)
             for start in range(0, num_samples, chunk):
                 s = min(chunk, num_samples - start)
-                predictive = Predictive(module.model, guide=guide, num_samples=s, return_sites=[site])
-                yield b, predictive(*batch_args(batch))[site].reshape(s, len(b), n_genes)
+                draws = module.posterior_predictive(batch, s, site, artifact_free=artifact == "pass")
+                yield b, draws.reshape(s, len(b), n_genes)
 
     @pyro.settings.context(module_local_params=True)  # weights stay in the module, out of the user's param store
     @torch.no_grad()
@@ -755,7 +710,7 @@ class SPARTHA:
             "format_version": FORMAT_VERSION,
             "library_version": __version__,
             "registry": self.registry.to_dict(),
-            "init_kwargs": self.init_kwargs,
+            "init_kwargs": self.config.to_dict(),
             "n_train_spots": self.module.model.n_spots,
             "seed": self._init_seed,
             "is_trained": self.is_trained,
@@ -803,7 +758,7 @@ class SPARTHA:
             )
         self = cls.__new__(cls)
         try:
-            self.registry, self.init_kwargs = Registry(**settings["registry"]), settings["init_kwargs"]
+            self.registry, self.config = Registry(**settings["registry"]), ModelConfig.from_kwargs(settings["init_kwargs"])
             n_train_spots = settings["n_train_spots"]
             self._init_seed = settings.get("seed", 0)
             self._data = None
@@ -826,6 +781,10 @@ class SPARTHA:
         self.is_trained = settings.get("is_trained", True)
         self.device = resolve_device(device)
         return self
+
+
+if SPARTHA.__doc__:  # the architecture's fields, documented once in ModelConfig
+    SPARTHA.__doc__ = SPARTHA.__doc__.replace("{config}", ModelConfig.describe(indent=" " * 8))
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """The SVI loop: shuffled minibatches, ClippedAdam, early stopping, checkpoints, progress, NaN diagnosis.
 
 The step runs entirely on the training device: minibatches come from
-:func:`~spartha_pyro.data.make_loader` (data resident on the device, or prefetched from the
+:func:`~spartha_pyro.loaders.make_loader` (data resident on the device, or prefetched from the
 host), the epoch's losses are summed on the device, and the only host reads per step are
 the finiteness check every ``check_finite_every`` steps (plus Pyro's own NaN warning inside
 its ELBO). With an initialised ``torch.distributed`` process group, each rank trains on a
@@ -18,16 +18,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyro
 import torch
-from pyro import poutine
-from pyro.infer import Trace_ELBO
 from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed
 from ._errors import InputError
-from .data import SpotArrays, make_loader
-from .guides import classifier_targets
-from .module import SparthaModule, batch_args
+from .data import SpotArrays
+from .loaders import iterate_minibatches, make_loader, minibatch
+from .module import SparthaModule
 
 
 @dataclass
@@ -36,7 +34,7 @@ class TrainConfig:
 
     ``check_finite_every``: steps between loss finiteness checks (each is a host-device
     sync). ``accuracy_spots``: spots of the per-epoch classifier-accuracy pass (0: skip).
-    ``loader``: ``"auto"``, ``"device"`` or ``"host"`` (see :func:`~spartha_pyro.data.make_loader`).
+    ``loader``: ``"auto"``, ``"device"`` or ``"host"`` (see :func:`~spartha_pyro.loaders.make_loader`).
     ``validate``: Pyro's distribution validation during training; ``None`` keeps the global
     setting (:func:`pyro.enable_validation`). Validation checks every site's parameters and
     values with host syncs; the inputs were validated when encoded, so ``False`` is safe
@@ -103,45 +101,13 @@ def seed_everything(seed: int) -> None:
     pyro.set_rng_seed(seed)
 
 
-def iterate_minibatches(n: int, batch_size: int, rng: np.random.Generator | None, drop_last: bool):
-    """Index arrays covering ``range(n)``, shuffled when ``rng`` is given."""
-    order = rng.permutation(n) if rng is not None else np.arange(n)
-    stop = n - n % batch_size if drop_last and n >= batch_size else n
-    for start in range(0, stop, batch_size):
-        yield np.sort(order[start : start + batch_size])
-
-
-def diagnose_nonfinite(module: SparthaModule, batch: dict) -> str:
-    """Names of the model/guide terms whose log-density is not finite on ``batch``."""
-    args = batch_args(batch)
-    bad = []
-    with torch.no_grad():
-        for path, guide, model in (
-            ("full", module.guide_full, module.model),
-            ("histology", module.histology_guide, module.histology_model),
-        ):
-            guide_tr = poutine.trace(guide).get_trace(*args)
-            model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
-            for where, tr in (("guide", guide_tr), ("model", model_tr)):
-                tr.compute_log_prob()
-                for name, site in tr.nodes.items():
-                    if site["type"] == "sample" and not torch.isfinite(site["log_prob_sum"]):
-                        bad.append(f"{where} site {name!r} ({path} path)")
-    nonfinite_params = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
-    if nonfinite_params:
-        bad.append(f"parameters {nonfinite_params[:5]}")
-    return "; ".join(bad) or "no single term (overflow in the sum)"
-
-
 @torch.no_grad()
 def evaluate_loss(module: SparthaModule, data: SpotArrays, idx: np.ndarray, batch_size: int, device) -> float:
     """Histology-path negative ELBO per spot on spots ``idx`` (eval mode, no dropout)."""
     module.eval()
     total, n_genes = 0.0, module.model.n_genes
-    elbo = Trace_ELBO()  # eager even under jit=True: a traced ELBO is fixed to the training minibatch's shape
     for b in iterate_minibatches(len(idx), batch_size, None, False):
-        batch = data.minibatch(idx[b], device, n_genes)
-        total += float(elbo.differentiable_loss(*module._hist_programs, *batch_args(batch))) * len(b)
+        total += float(module.histology_loss(minibatch(data, idx[b], device, n_genes))) * len(b)
     module.train()
     return total / max(len(idx), 1)
 
@@ -159,11 +125,9 @@ def evaluate_pcc(module: SparthaModule, data: SpotArrays, idx: np.ndarray, batch
     pred, obs = [], []
     keep = idx[data.has_counts[idx] & data.has_histology[idx]]
     for b in iterate_minibatches(len(keep), batch_size, None, False):
-        batch = data.minibatch(keep[b], device, module.model.n_genes)
-        params = module.guide_hist.encode(batch["x_t"], batch["x_h"], batch["has_counts"], batch["has_histology"])
-        rho = module.model.decode(torch.cat([params[s][0] for s in module.model.dims], -1))[0]
-        x = batch["x_t"]
-        pred.append(torch.log1p(1e4 * rho).double())
+        batch = minibatch(data, keep[b], device, module.model.n_genes)
+        x = batch.x_t
+        pred.append(torch.log1p(1e4 * module.histology_prediction(batch)).double())
         obs.append(torch.log1p(1e4 * x / x.sum(-1, keepdim=True).clamp(min=1.0)).double())
     module.train()
     if not pred:
@@ -179,16 +143,7 @@ def evaluate_pcc(module: SparthaModule, data: SpotArrays, idx: np.ndarray, batch
 def classifier_accuracy(module: SparthaModule, data: SpotArrays, idx: np.ndarray, device) -> dict[str, float]:
     """Accuracy of each ``q_psi(L | Z)`` at the full guide's posterior means on spots ``idx``."""
     module.eval()
-    batch = data.minibatch(idx, device, module.model.n_genes)
-    params = module.guide_full.encode(batch["x_t"], batch["x_h"], batch["has_counts"], batch["has_histology"])
-    targets = classifier_targets(batch["labels"], batch["batch"], batch["qc"], module.model.dims)
-    out = {}
-    for site, head in module.classifiers.heads.items():
-        t = targets[site]
-        known = t >= 0
-        if known.any():
-            pred = head(params[site][0]).argmax(-1)
-            out[f"acc_{site}"] = float((pred[known] == t[known]).float().mean())
+    out = module.classifier_accuracy(minibatch(data, idx, device, module.model.n_genes))
     module.train()
     return out
 
@@ -301,7 +256,7 @@ def _fit(
             step += 1
             if step % config.check_finite_every == 0 and not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"SPARTHA loss is not finite at epoch {epoch}, step {step}: {diagnose_nonfinite(module, batch)}"
+                    f"SPARTHA loss is not finite at epoch {epoch}, step {step}: {module.diagnose_nonfinite(batch)}"
                 )
             optim.zero_grad(set_to_none=True)
             loss.backward()
@@ -309,12 +264,12 @@ def _fit(
                 distributed.allreduce_gradients(module)
             optim.step()
             # each loss is already a per-spot mean over the minibatch (plate scale x 1/n_spots)
-            n = len(batch["index"])
+            n = len(batch.index)
             sums += torch.stack([loss_full.detach(), loss_hist.detach()]) * n
             n_seen += n
         full, hist = distributed.allreduce_mean(sums / n_seen).tolist()
         if not (math.isfinite(full) and math.isfinite(hist)):
-            raise FloatingPointError(f"SPARTHA loss is not finite at epoch {epoch}: {diagnose_nonfinite(module, batch)}")
+            raise FloatingPointError(f"SPARTHA loss is not finite at epoch {epoch}: {module.diagnose_nonfinite(batch)}")
         record = {"epoch": epoch, "loss": full + module.histology_weight * hist, "loss_full": full, "loss_histology": hist}
         if len(acc_idx):
             record.update(classifier_accuracy(module, data, acc_idx, device))

@@ -219,7 +219,7 @@ def test_gene_negative_binomial_is_the_nb_density_and_survives_plates(trained, s
     from pyro import poutine
 
     from spartha_pyro.models.likelihoods import GeneNegativeBinomial
-    from spartha_pyro.module import batch_args
+    from spartha_pyro.loaders import minibatch
 
     g = torch.Generator().manual_seed(0)
     theta, logits = torch.rand(7, generator=g) * 5 + 0.1, torch.randn(4, 7, generator=g)
@@ -233,8 +233,8 @@ def test_gene_negative_binomial_is_the_nb_density_and_survives_plates(trained, s
     with pytest.raises(ValueError, match="over genes"):
         nb.expand((4, 8))
 
-    batch = trained._data.minibatch(np.arange(32), torch.device("cpu"), sim.n_vars)
-    fn = poutine.trace(trained.module.model).get_trace(*batch_args(batch)).nodes["x_t"]["fn"]
+    batch = minibatch(trained._data, np.arange(32), torch.device("cpu"), sim.n_vars)
+    fn = poutine.trace(trained.module.model).get_trace(*batch).nodes["x_t"]["fn"]
     while not isinstance(fn, GeneNegativeBinomial):
         assert hasattr(fn, "base_dist"), f"x_t site lost GeneNegativeBinomial: {type(fn).__name__}"
         fn = fn.base_dist

@@ -76,3 +76,18 @@ def test_ipynb_paired_and_stripped(source: Path):
         f"{ipynb.name} is out of sync with {source.name}: run jupytext --sync {source.name}"
     )
     assert all(not c.get("outputs") for c in paired.cells if c.cell_type == "code"), f"{ipynb.name} has outputs"
+
+
+def test_setup_installs_what_executing_a_notebook_needs():
+    """``jupytext --to notebook --execute`` (the README's command) runs a kernel through
+    nbconvert: ``setup.sh`` must install nbconvert and ipykernel, not only jupytext."""
+    import ast
+
+    root = NOTEBOOKS.parents[1]
+    extras = re.search(r'pip install -q -e "\.\[([\w,]+)\]"', (root / "setup.sh").read_text()).group(1).split(",")
+    call = next(n for n in ast.walk(ast.parse((root / "setup.py").read_text()))
+                if isinstance(n, ast.keyword) and n.arg == "extras_require")
+    extras_require = ast.literal_eval(call.value)
+    installed = {pkg for extra in extras for pkg in extras_require[extra]}
+    assert {"jupytext", "nbconvert", "ipykernel"} <= installed
+    assert "jupytext --to notebook --execute" in (root / "README.md").read_text()

@@ -9,7 +9,7 @@ import torch
 from pyro import poutine
 
 import spartha_pyro as sp
-from spartha_pyro.module import batch_args
+from spartha_pyro.loaders import minibatch
 from conftest import SMALL
 from test_model import histology_only, probe
 
@@ -219,13 +219,12 @@ def test_gene_mask_leaves_unmeasured_genes_out_of_the_likelihood(sim):
     for key, changes in (("measured", False), (None, True)):
         model = sp.SPARTHA(combined, label_keys=["cell_type"], batch_key="slide", gene_mask_key=key, **SMALL)
         module = model.module.eval()
-        batch = model._data.minibatch(np.flatnonzero(sliced)[:50], torch.device("cpu"), combined.n_vars)
-        args = batch_args(batch)
+        batch = minibatch(model._data, np.flatnonzero(sliced)[:50], torch.device("cpu"), combined.n_vars)
 
         def x_t_log_prob():
             pyro.set_rng_seed(0)
-            trace = poutine.trace(module.model).get_trace(*args)
-            return trace.nodes["x_t"]["fn"].log_prob(batch["x_t"]).sum().item()
+            trace = poutine.trace(module.model).get_trace(*batch)
+            return trace.nodes["x_t"]["fn"].log_prob(batch.x_t).sum().item()
 
         before = x_t_log_prob()
         with torch.no_grad():

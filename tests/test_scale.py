@@ -12,10 +12,9 @@ import torch
 import torch.multiprocessing as mp
 from pyro import poutine
 
-from spartha_pyro.data import BackedCounts, DeviceLoader, HostLoader, make_loader
+from spartha_pyro.data import BackedCounts
+from spartha_pyro.loaders import Batch, DeviceLoader, HostLoader, iterate_minibatches, make_loader
 from spartha_pyro.model import SPARTHA
-from spartha_pyro.module import batch_args
-from spartha_pyro.train import iterate_minibatches
 
 SMALL = dict(hidden=32, y_dim=4, d_dim=2, r_dim=2, x_dim=2)
 
@@ -59,10 +58,10 @@ def test_device_and_host_loaders_give_the_same_batches_and_loss():
     dev, host = DeviceLoader(model._data, cpu, 40), HostLoader(model._data, cpu, 40)
     idx = [np.array([0, 3, 17, 200]), np.array([5, 6])]
     for a, b in zip(dev.batches(iter(idx)), host.batches(iter(idx))):
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    np.testing.assert_array_equal(next(dev.batches(iter(idx[:1])))["x_t"].numpy(), model._data.counts[idx[0]].toarray())
+        assert type(a) is type(b) is Batch
+        for name, x, y in zip(Batch._fields, a, b):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+    np.testing.assert_array_equal(next(dev.batches(iter(idx[:1]))).x_t.numpy(), model._data.counts[idx[0]].toarray())
     torch.testing.assert_close(losses_with(model, dev, cpu), losses_with(model, host, cpu))
 
 
@@ -188,9 +187,9 @@ def encoding_and_log_density(model, loader, idx):
     """
     module = model.module.to(loader.device).eval()
     batch = next(loader.batches(iter([idx])))
-    params = module.guide_full.encode(batch["x_t"], batch["x_h"], batch["has_counts"], batch["has_histology"])
+    params = module.guide_full.encode(batch.x_t, batch.x_h, batch.has_counts, batch.has_histology)
     z = {site: loc for site, (loc, scale) in params.items()}
-    trace = poutine.trace(poutine.condition(module.model, data=z)).get_trace(*batch_args(batch))
+    trace = poutine.trace(poutine.condition(module.model, data=z)).get_trace(*batch)
     flat = torch.cat([torch.cat(p, -1) for p in params.values()], -1)
     return flat.detach().cpu(), trace.log_prob_sum().detach().cpu()
 
@@ -203,8 +202,8 @@ def test_cuda_matches_cpu():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     dev_batch = next(DeviceLoader(model._data, gpu, 40).batches(iter([idx])))
     host_batch = next(HostLoader(model._data, gpu, 40).batches(iter([idx])))
-    for k in dev_batch:  # both loaders build the same tensors on the device
-        torch.testing.assert_close(dev_batch[k], host_batch[k], rtol=0, atol=0)
+    for dev_t, host_t in zip(dev_batch, host_batch):  # both loaders build the same tensors on the device
+        torch.testing.assert_close(dev_t, host_t, rtol=0, atol=0)
     enc_cpu, lp_cpu = encoding_and_log_density(model, DeviceLoader(model._data, cpu, 40), idx)
     enc_gpu, lp_gpu = encoding_and_log_density(model, DeviceLoader(model._data, gpu, 40), idx)
     torch.testing.assert_close(enc_gpu, enc_cpu, rtol=1e-4, atol=1e-4)

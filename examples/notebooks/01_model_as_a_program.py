@@ -48,7 +48,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 import spartha_pyro as sp
-from spartha_pyro.module import batch_args
+from spartha_pyro.loaders import minibatch
 
 CI = bool(os.environ.get("CI"))  # the test suite sets CI=1: smaller data
 pyro.set_rng_seed(0)
@@ -88,11 +88,11 @@ pd.crosstab(adata.obs["true_artifact"], adata.obs["qc_pass"])
 
 # %%
 program = model.module.model
-batch = model._data.minibatch(np.arange(200), torch.device("cpu"), program.n_genes)
-batch.update(x_t=None, x_h=None)
+batch = minibatch(model._data, np.arange(200), torch.device("cpu"), program.n_genes)  # a loaders.Batch
+batch = batch._replace(x_t=None, x_h=None)
 # module_local_params: the model's weights stay in the module, out of Pyro's global param store
 with torch.no_grad(), pyro.settings.context(module_local_params=True):
-    trace = poutine.trace(program).get_trace(*batch_args(batch))
+    trace = poutine.trace(program).get_trace(*batch)
 
 
 def site_table(tr: pyro.poutine.Trace) -> pd.DataFrame:
@@ -174,7 +174,7 @@ except ImportError:
     have_graphviz = False
 if have_graphviz:
     with pyro.settings.context(module_local_params=True):
-        graph = pyro.render_model(program, model_args=batch_args(batch), render_distributions=True)
+        graph = pyro.render_model(program, model_args=tuple(batch), render_distributions=True)
     try:
         from IPython.display import display
     except ImportError:  # run as a plain script

@@ -37,7 +37,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 import spartha_pyro as sp
-from spartha_pyro.module import batch_args
+from spartha_pyro.loaders import minibatch
 
 CI = bool(os.environ.get("CI"))
 EPOCHS = 5 if CI else 80
@@ -94,8 +94,7 @@ def kl_per_latent(m: sp.SPARTHA, path: str = "full", n_draws: int = 8) -> pd.Ser
     """Monte Carlo KL(q || p) per latent site, nats per spot, on the training spots."""
     module = m.module.eval()
     guide = module.guide_full if path == "full" else module.guide_hist
-    batch = m._data.minibatch(np.arange(m._data.n), torch.device("cpu"), module.model.n_genes)
-    args = batch_args(batch)
+    args = tuple(minibatch(m._data, np.arange(m._data.n), torch.device("cpu"), module.model.n_genes))
     totals: dict[str, float] = {}
     with torch.no_grad(), pyro.settings.context(module_local_params=True):  # weights stay in the module
         for _ in range(n_draws):
