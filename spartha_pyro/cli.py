@@ -343,6 +343,21 @@ def _model_config(args: argparse.Namespace) -> dict:
     return config
 
 
+def _output_options(p: argparse.ArgumentParser) -> None:
+    """Output options shared by ``predict`` and ``predict-image``."""
+    p.add_argument("-o", "--out", required=True, help="output .h5ad of predictions")
+    p.add_argument("--samples", help="also write every draw to this NetCDF (.nc) file")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def _draw_options(p) -> None:
+    """Posterior-predictive options shared by ``predict`` and ``predict-image`` (a parser or group)."""
+    p.add_argument("--num-samples", type=int, default=20, help="posterior predictive draws per spot")
+    p.add_argument("--artifact", default="pass", choices=["pass", "posterior"],
+                   help="pass: artifact-free generation (Z_r from p(Z_r | pass)); posterior: Z_r from q(Z_r | X_h)")
+    p.add_argument("--quantiles", type=float, nargs="*", default=[0.05, 0.5, 0.95], help="quantile layers to write")
+
+
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", formatter_class=_Formatter, help="predict expression from histology",
                        description=cmd_predict.__doc__
@@ -350,14 +365,9 @@ def _add_predict(sub) -> None:
                        "and counts_mean. Counts in the input are ignored: only histology is used.")
     p.add_argument("model", help="model folder written by 'spartha train'")
     p.add_argument("input", help=".h5ad with obsm['histology'] (counts not needed)")
-    p.add_argument("-o", "--out", required=True, help="output .h5ad of predictions")
-    p.add_argument("--samples", help="also write every draw to this NetCDF (.nc) file")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    _output_options(p)
     p.add_argument("--sections", nargs="+", help="predict these obs['slide'] sections only (default all)")
-    p.add_argument("--num-samples", type=int, default=20, help="posterior predictive draws per spot")
-    p.add_argument("--artifact", default="pass", choices=["pass", "posterior"],
-                   help="pass: artifact-free generation (Z_r from p(Z_r | pass)); posterior: Z_r from q(Z_r | X_h)")
-    p.add_argument("--quantiles", type=float, nargs="*", default=[0.05, 0.5, 0.95], help="quantile layers to write")
+    _draw_options(p)
     p.add_argument("--batch-size", type=int, default=256, help="spots per prediction batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda…")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws")
@@ -374,9 +384,7 @@ def _add_predict_image(sub) -> None:
                        "full-resolution pixels and uns['spatial'] for sc.pl.spatial.")
     p.add_argument("model", help="model folder written by 'spartha train' (features from 'spartha prepare')")
     p.add_argument("image", help="H&E image: JPEG, PNG, TIFF, pyramidal TIFF / OME-TIFF / SVS")
-    p.add_argument("-o", "--out", required=True, help="output .h5ad of predictions")
-    p.add_argument("--samples", help="also write every draw to this NetCDF (.nc) file")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    _output_options(p)
     g = p.add_argument_group("image and grid")
     g.add_argument("--um-per-px", type=float, help="µm per full-resolution pixel (default: file metadata, else the "
                    "training resolution with a warning)")
@@ -387,10 +395,7 @@ def _add_predict_image(sub) -> None:
     g.add_argument("--min-tissue", type=float, default=0.5, help="keep spots whose area is at least this tissue fraction")
     g.add_argument("--library-id", help="key of uns['spatial'] (default the image file name)")
     g = p.add_argument_group("prediction")
-    g.add_argument("--num-samples", type=int, default=20, help="posterior predictive draws per spot")
-    g.add_argument("--artifact", default="pass", choices=["pass", "posterior"],
-                   help="pass: artifact-free generation (Z_r from p(Z_r | pass)); posterior: Z_r from q(Z_r | X_h)")
-    g.add_argument("--quantiles", type=float, nargs="*", default=[0.05, 0.5, 0.95], help="quantile layers to write")
+    _draw_options(g)
     g.add_argument("--batch-size", type=int, default=64, help="patches per feature-extractor call")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda…")
     g.add_argument("--seed", type=int, default=0, help="seed of the draws")
