@@ -134,7 +134,7 @@ def split(sim):
     return sim[sim.obs["slide"] != held].copy(), sim[sim.obs["slide"] == held].copy()
 
 
-@pytest.mark.parametrize("library", ["train_median", "observed"])
+@pytest.mark.parametrize("library", ["train_median", "histology", "observed"])
 def test_nb_wrapped_ridge_gives_finite_nll(split, library):
     train, test = split
     wrapper = NBWrapper(RidgePredictor(), library=library).fit(train)
@@ -161,6 +161,23 @@ def test_nb_wrapper_library_rules(split):
         observed.mean(test[:, []])
     with pytest.raises(sp.InputError, match="library"):
         NBWrapper(MeanPredictor(), library="test_median")
+
+
+def test_histology_library_follows_the_image_and_lowers_the_nll():
+    """When the library depends on the histology, the ``"histology"`` rule recovers it from the
+    features alone and scores a better held-out NLL than one median library for every spot."""
+    rng = np.random.default_rng(0)
+    n, genes = 600, 40
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    library = np.exp(7.0 + 0.8 * x[:, 0])
+    profile = rng.dirichlet(np.ones(genes))
+    adata = ad.AnnData(rng.poisson(library[:, None] * profile).astype(np.float32), obsm={"histology": x})
+    train, test = adata[:400].copy(), adata[400:].copy()
+    by_rule = {rule: NBWrapper(MeanPredictor(), library=rule).fit(train) for rule in ("train_median", "histology")}
+    predicted = by_rule["histology"].library_model_.predict_library(test)
+    assert np.corrcoef(np.log(predicted), np.log(library[400:]))[0, 1] > 0.9
+    nlls = {rule: -w.log_prob(test).mean() for rule, w in by_rule.items()}
+    assert nlls["histology"] < nlls["train_median"] - 0.1, nlls
 
 
 def test_plot_calibration(nb_truth):

@@ -2,7 +2,7 @@
 :class:`NBWrapper` gives any of them a negative binomial predictive distribution of counts."""
 from .histogene import HisToGene
 from .mean import MeanPredictor
-from .nb import NBWrapper
+from .nb import LibraryRidge, NBWrapper
 from .ridge import RidgePredictor
 
-__all__ = ["HisToGene", "MeanPredictor", "NBWrapper", "RidgePredictor"]
+__all__ = ["HisToGene", "LibraryRidge", "MeanPredictor", "NBWrapper", "RidgePredictor"]

@@ -11,7 +11,9 @@ The baselines predict log1p-normalised expression ``p[n, g]`` (counts per 10,000
 - ``expm1(p) / 1e4`` is the predicted share of the spot's counts going to gene ``g``.
 - ``l_n`` is the spot's library size (total counts over all genes of the AnnData), by the
   ``library`` rule: ``"train_median"`` (default) — the median training library for every
-  spot, the information SPARTHA also has when it generates from histology alone;
+  spot; ``"histology"`` — ``expm1`` of a ridge regression of ``log1p(library)`` on the
+  histology features (:class:`LibraryRidge`), the information SPARTHA has when it generates
+  from histology alone (its decoder predicts ``log l_n`` from the latents);
   ``"observed"`` — the spot's own observed total, an oracle at test time (the test spot's
   counts are needed, which SPARTHA never sees) that removes library variation from the
   baseline's uncertainty.
@@ -31,6 +33,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import xarray as xr
 from anndata import AnnData
@@ -39,10 +42,11 @@ from scipy.special import digamma
 from .._errors import InputError
 from ..metrics.calibration import MU_FLOOR, nb_log_prob
 from ._base import PointPredictor, cv_folds
+from .ridge import RidgePredictor
 
 #: range of the fitted inverse dispersion (the upper end is practically Poisson)
 THETA_BOUNDS = (1e-3, 1e5)
-LIBRARY_RULES = ("train_median", "observed")
+LIBRARY_RULES = ("train_median", "histology", "observed")
 
 
 def _counts(adata: AnnData, layer: str | None) -> np.ndarray:
@@ -95,6 +99,23 @@ def fit_nb_theta(counts: np.ndarray, mu: np.ndarray, iterations: int = 50, chunk
     return theta
 
 
+class LibraryRidge(RidgePredictor):
+    """Ridge regression from histology features to ``log1p`` of each spot's library size.
+
+    A :class:`~spartha_pyro.baselines.RidgePredictor` (same parameters: penalty by
+    cross-validation, optional per-section standardisation) whose single target is
+    ``log1p(sum_g counts)``; :meth:`predict_library` returns the library ``(n_spots,)``.
+    """
+
+    def _fit_target(self, adata: AnnData, layer: str | None) -> np.ndarray:
+        self.var_names_ = pd.Index(["log1p_library"])
+        return np.log1p(_counts(adata, layer).sum(1, keepdims=True))
+
+    def predict_library(self, adata: AnnData) -> np.ndarray:
+        """Predicted library sizes, float64 ``(adata.n_obs,)``; needs only ``obsm[histology_key]``."""
+        return np.expm1(np.clip(self.predict(adata)[:, 0].astype(np.float64), 0.0, None))
+
+
 class NBWrapper:
     """Negative binomial predictive distribution around a point predictor (see module docstring).
 
@@ -105,8 +126,10 @@ class NBWrapper:
         or any object with ``fit(adata, layer=..., **kw)`` and ``predict(adata, **kw)``
         returning log1p-normalised expression ``(n_spots, n_genes)``.
     library
-        ``"train_median"`` (default; fair against SPARTHA, which does not see test counts)
-        or ``"observed"`` (the test spot's own total count: oracle information).
+        ``"train_median"`` (default), ``"histology"`` (a :class:`LibraryRidge` on the
+        predictor's histology features, per-section standardised as the predictor's; fair
+        against SPARTHA, which predicts each spot's library from histology too) or
+        ``"observed"`` (the test spot's own total count: oracle information).
     cross_fit
         Folds of the cross-fitted training predictions used to fit ``c`` and ``theta``;
         ``None`` uses the in-sample predictions of the final fit (cheaper, over-confident for
@@ -144,7 +167,14 @@ class NBWrapper:
             return library
         if self.library == "observed":
             return _counts(adata, layer).sum(1)
+        if self.library == "histology":
+            return self.library_model_.predict_library(adata)
         return np.full(adata.n_obs, self.median_library_)
+
+    def _library_model(self) -> LibraryRidge:
+        """A fresh :class:`LibraryRidge` on the predictor's histology key and section scaling."""
+        return LibraryRidge(getattr(self.predictor, "histology_key", "histology"), group_key=self.group_key,
+                            seed=self.seed, section_key=getattr(self.predictor, "section_key", None))
 
     def _mu(self, prediction: np.ndarray, library: np.ndarray, scale: np.ndarray | float) -> np.ndarray:
         share = np.expm1(np.clip(np.asarray(prediction, dtype=np.float64), 0.0, None)) / self.target_sum
@@ -166,25 +196,32 @@ class NBWrapper:
         Returns
         -------
         ``self``, with ``scale_`` (``c``, ``(n_genes,)``), ``theta_`` (``(n_genes,)``),
-        ``median_library_`` and ``var_names_``.
+        ``median_library_``, ``var_names_`` and, for ``library="histology"``,
+        ``library_model_`` (the fitted :class:`LibraryRidge`).
         """
         counts = _counts(adata, layer)
         self.median_library_ = float(np.median(counts.sum(1)))
+        histology_library = self.library == "histology"
         if self.cross_fit is None:
-            prediction = None
-        else:
+            prediction, library = None, None
+        else:  # held-out predictions of the expression (and of the library) for every training spot
             prediction = np.empty(counts.shape, dtype=np.float64)
+            library = np.empty(adata.n_obs) if histology_library else None
             for tr, va in cv_folds(adata, self.cross_fit, self.group_key, self.seed):
                 fold = copy.deepcopy(self.predictor).fit(adata[tr], layer=layer, **fit_kwargs)
                 prediction[va] = fold.predict(adata[va])
+                if histology_library:
+                    library[va] = self._library_model().fit(adata[tr], layer=layer).predict_library(adata[va])
         self.predictor.fit(adata, layer=layer, **fit_kwargs)
+        if histology_library:
+            self.library_model_ = self._library_model().fit(adata, layer=layer)
         if prediction is None:
             prediction = self.predictor.predict(adata)
         self.var_names_ = self.predictor.var_names_
-        base = self._mu(prediction, self._library(adata, layer, None), 1.0)
+        base = self._mu(prediction, self._library(adata, layer, library), 1.0)
         totals = base.sum(0)
         self.scale_ = np.where(totals > 0, counts.sum(0) / totals, 1.0)
-        self.theta_ = fit_nb_theta(counts, self._mu(prediction, self._library(adata, layer, None), self.scale_))
+        self.theta_ = fit_nb_theta(counts, self._mu(prediction, self._library(adata, layer, library), self.scale_))
         return self
 
     def mean(self, adata: AnnData, layer: str | None = None, library=None, **predict_kwargs) -> np.ndarray:
