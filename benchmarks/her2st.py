@@ -7,7 +7,11 @@ Methods: ``spartha`` (SPARTHA, point metrics from ``artifact="posterior"``),
 histology alone (an AnnData with no genes and only ``obsm["histology"]``).
 
 Data: any folder in the her2st/legacy-ST layout (``counts/<S>.tsv.gz``,
-``spots/<S>_selection.tsv``, ``images/<S>.jpg``; any organism's gene names). Clusters
+``spots/<S>_selection.tsv``, ``images/<S>.jpg``; any organism's gene names), or a prepared
+``.h5ad`` (e.g. Space Ranger sections read by ``spartha prepare``): raw counts in ``X``,
+``obs["slide"]``, ``obs["array_x"|"array_y"]`` and the histology vectors in
+``obsm["histology"]`` (used as they are; ``--features`` then does not apply) or in the
+benchmark's own ``obsm["features"]`` blocks; QC is annotated when ``obs["qc_pass"]`` is absent. Clusters
 (``--label-keys``, used only where present with 2+ classes), deconvolution and
 ``genes/hist2st_785.txt`` are optional; what a run truly needs is checked before the features
 are extracted. Sections are read with an outer gene join and each split's gene universe is the
@@ -54,7 +58,9 @@ posterior draws, nats per spot per gene) and ``crps`` (on log1p-normalised value
 ``--calib-samples`` draws, on the named panels of the modelled columns (``__rest__`` takes
 part in the normalisation only). Ridge and the mean get an NB around their prediction
 (:class:`~spartha_pyro.baselines.NBWrapper`, dispersion fit on cross-fitted training
-predictions, library = the median training library).
+predictions; each spot's library predicted from its histology features by ridge, as SPARTHA
+predicts it from histology; ``--nb-library train_median`` gives every spot the median training
+library instead).
 
 ``--extra-sections A1 A2 ...`` (or ``all``: the 30 count-only sections) adds the methods
 ``spartha_all_sections`` (SPARTHA trained on the imaged training sections plus those, cluster
@@ -177,6 +183,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=200, help="posterior predictive draws per spot")
     p.add_argument("--calib-samples", type=int, default=100, help="draws per spot scored for calibration (coverage, nll, crps)")
     p.add_argument("--sample-chunk", type=int, default=25, help="draws generated at a time (bounds memory)")
+    p.add_argument(
+        "--nb-library", choices=["histology", "train_median"], default="histology",
+        help="library of the NB around ridge and the mean: predicted from histology (default) or the training median",
+    )
     p.add_argument("--pca", type=int, default=0, help="SPARTHA/SpatialDIVA see this many principal components of the features (0: raw)")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON of extra SPARTHA(...) arguments")
     p.add_argument("--device", default="auto")
@@ -208,6 +218,9 @@ def check_inputs(args: argparse.Namespace, sections: list[str]) -> None:
     counts table, a spot file and an image for every section (and counts + spot files for
     ``--extra-sections``). Optional extras (``genes/hist2st_785.txt``, ``clusters/``,
     ``deconvolution/``, ``pathology/``) are used only when present."""
+    if is_h5ad(args):
+        check_h5ad(args, sections)
+        return
     feature_blocks(args.features)
     if args.extra_sections and not any(m in EXTRA_METHODS for m in args.methods):
         print(f"note: --extra-sections given but none of {list(EXTRA_METHODS)} in --methods", flush=True)
@@ -233,6 +246,45 @@ def check_inputs(args: argparse.Namespace, sections: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------- data
+def is_h5ad(args: argparse.Namespace) -> bool:
+    """Whether ``--data`` is a prepared ``.h5ad`` file rather than a legacy-ST folder."""
+    return str(args.data).endswith(".h5ad")
+
+
+def check_h5ad(args: argparse.Namespace, sections: list[str]) -> None:
+    """What a prepared ``.h5ad`` must hold, checked on its ``obs``/``obsm`` keys before any work."""
+    path = Path(args.data)
+    if not path.is_file():
+        raise sp.InputError(f"--data {str(path)!r}: no such .h5ad file")
+    adata = read_h5ad(path, backed="r")
+    try:
+        problems = [f"obs[{k!r}]" for k in ("slide", "array_x", "array_y") if k not in adata.obs]
+        if "histology" not in adata.obsm and not ("features" in adata.obsm and "features" in adata.uns):
+            problems.append("obsm['histology'] (or the benchmark's obsm['features'] blocks)")
+        if "histogene" in args.methods and "patches" not in adata.obsm:
+            problems.append("obsm['patches'] (HisToGene's image patches; leave histogene out of --methods)")
+        if args.extra_sections:
+            problems.append("nothing: --extra-sections needs a legacy-ST folder")
+        if problems:
+            raise sp.InputError(f"--data {str(path)!r} lacks " + "; ".join(problems))
+        missing = sorted(set(sections) - set(adata.obs["slide"].astype(str).unique()))
+        if missing:
+            raise sp.InputError(f"sections {missing} are not in obs['slide'] of {str(path)!r}")
+    finally:
+        adata.file.close()
+
+
+def read_prepared(args: argparse.Namespace, sections: list[str]) -> AnnData:
+    """The chosen sections of a prepared ``.h5ad`` (QC-annotated at 5 MADs per section unless
+    ``obs["qc_pass"]`` exists)."""
+    adata = read_h5ad(args.data)
+    adata = adata[adata.obs["slide"].astype(str).isin(sections).to_numpy()].copy()
+    adata.obs["slide"] = adata.obs["slide"].astype(str).astype("category")
+    if "qc_pass" not in adata.obs:
+        sp.pp.annotate_qc(adata, batch_key="slide", nmads=5)
+    return adata
+
+
 def crop_patches(adata: AnnData, size: int) -> np.ndarray:
     """uint8 patches ``(n_spots, size, size, 3)`` centred on each spot (full-resolution pixels)."""
     out = np.zeros((adata.n_obs, size, size, 3), dtype=np.uint8)
@@ -268,7 +320,9 @@ def prepare(args: argparse.Namespace, sections: list[str]) -> AnnData:
     every split then keeps the genes of its training tables only), annotate QC (5 MADs per
     slide), compute the feature blocks ``--features`` needs with their grid-neighbour means
     and the HisToGene patches; cached as .h5ad (a cache holding every block serves any
-    ``--features``)."""
+    ``--features``). A prepared ``.h5ad`` ``--data`` is read as it is (:func:`read_prepared`)."""
+    if is_h5ad(args):
+        return read_prepared(args, sections)
     cache = cache_path(args, sections)
     if cache is not None:
         adata = read_h5ad(cache)
@@ -317,7 +371,10 @@ def feature_blocks(spec: str) -> list[str]:
 
 
 def select_features(adata: AnnData, spec: str) -> np.ndarray:
-    """Columns of ``obsm["features"]`` named by ``spec``, e.g. ``"lite0+stats+nbr"``."""
+    """Columns of ``obsm["features"]`` named by ``spec``, e.g. ``"lite0+stats+nbr"``; a
+    prepared AnnData without those blocks gives its ``obsm["histology"]`` as it is."""
+    if "features" not in adata.obsm or "features" not in adata.uns:
+        return np.asarray(adata.obsm["histology"], dtype=np.float32)
     names = feature_blocks(spec)
     columns = adata.uns["features"]["columns"]
     return np.concatenate([adata.obsm["features"][:, slice(*columns[n])] for n in names], axis=1)
@@ -433,9 +490,9 @@ def posterior_predictive(model: sp.SPARTHA, adata: AnnData, artifact: str, args,
 
 def nb_baseline(predictor, train: AnnData, test_hist: AnnData, args, seed: int):
     """Calibration draws of a point predictor wrapped in an NB (:class:`NBWrapper`; per-gene
-    scale and dispersion fit on section-grouped cross-fitted training predictions, library =
-    the median training library), over the modelled columns ``train`` holds."""
-    nb = NBWrapper(predictor, group_key="slide", seed=seed).fit(train)
+    scale and dispersion fit on section-grouped cross-fitted training predictions, library by
+    the ``--nb-library`` rule), over the modelled columns ``train`` holds."""
+    nb = NBWrapper(predictor, library=args.nb_library, group_key="slide", seed=seed).fit(train)
     return nb.sample(test_hist, num_samples=args.calib_samples, seed=seed).values, nb.mean(test_hist)[None], nb.theta_
 
 
@@ -809,6 +866,9 @@ def main(argv=None) -> list[dict]:
     check_inputs(args, sections)
     adata = prepare(args, sections)
     adata.obsm["histology"] = select_features(adata, args.features)
+    if is_h5ad(args) and "features" not in adata.uns:
+        print(f"note: the histology vectors are obsm['histology'] of {args.data} ({adata.obsm['histology'].shape[1]} "
+              "columns); --features does not apply", flush=True)
     generative = [m for m in args.methods if m in GENERATIVE]
     if generative:
         if not mito_mask(adata.var_names).any():

@@ -74,3 +74,28 @@ def test_missing_inputs_fail_before_feature_extraction(bench, folder, tmp_path):
     assert not (tmp_path / "cache").exists()
     with pytest.raises(sp.InputError, match="--features"):
         bench.main(_argv(folder, tmp_path / "r.json", "--features", "stats+hog"))
+
+
+def test_a_prepared_h5ad_gives_the_same_records_as_its_folder(bench, folder, tmp_path):
+    """``--data x.h5ad`` (e.g. Space Ranger sections read by ``spartha prepare``): histology in
+    ``obsm["histology"]``, no QC column; ridge scores exactly as on the folder it came from."""
+    from_folder = bench.main(_argv(folder, tmp_path / "a.json"))
+    adata = bench.prepare(bench.parse_args(_argv(folder, tmp_path / "a.json")), ["S1", "S2", "S3", "S4"])
+    adata.obsm["histology"] = bench.select_features(adata, "stats")
+    for key in ("features", "patches"):
+        del adata.obsm[key]
+    del adata.uns["features"]
+    adata.obs = adata.obs.drop(columns=["qc_pass"])
+    adata.write_h5ad(tmp_path / "prepared.h5ad")
+    from_h5ad = bench.main(_argv(tmp_path / "prepared.h5ad", tmp_path / "b.json"))
+
+    def scores(records):
+        return {(r["method"], r["panel"], r["metric"]): r["value"] for r in records if r["section"] == "S3" and r["metric"] == "pcc_gene"}
+
+    assert scores(from_h5ad) == pytest.approx(scores(from_folder)) and scores(from_h5ad)
+    with pytest.raises(sp.InputError, match="sections \\['S9'\\]"):
+        bench.main(_argv(tmp_path / "prepared.h5ad", tmp_path / "c.json", "--test-sections", "S9"))
+    del adata.obsm["histology"]
+    adata.write_h5ad(tmp_path / "bare.h5ad")
+    with pytest.raises(sp.InputError, match="obsm\\['histology'\\]"):
+        bench.main(_argv(tmp_path / "bare.h5ad", tmp_path / "d.json"))
