@@ -164,7 +164,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--loso", action="store_true", help="hold out each section in turn (train on the others)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if m not in EXTRA_METHODS])
+    p.add_argument(
+        "--methods", nargs="+", choices=[*METHODS, *QC_REFERENCES], default=[m for m in METHODS if m not in EXTRA_METHODS],
+        help="methods to run; the QC references (observed, constant) come with any generative method and may be asked alone",
+    )
     p.add_argument(
         "--extra-sections", nargs="+", default=[],
         help="count-only sections (or 'all': the 30 without an image) added to the training of the "
@@ -893,7 +896,7 @@ def main(argv=None) -> list[dict]:
             None if args.validation == "none" else "auto" if args.validation == "auto"
             else train_sections[-1] if args.validation == "last" else args.validation
         )
-        methods = [*args.methods, *(QC_REFERENCES if generative else ())]
+        methods = list(dict.fromkeys([*args.methods, *(QC_REFERENCES if generative else ())]))
         tasks += [(tuple(train_sections), test_section, validation, method, seed) for method in methods for seed in args.seeds]
     jobs = n_jobs(args.jobs, args.device, len(tasks))
     print(f"{len(tasks)} runs (method x seed x split) in {jobs} process(es)", flush=True)
