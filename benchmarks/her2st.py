@@ -58,9 +58,10 @@ posterior draws, nats per spot per gene) and ``crps`` (on log1p-normalised value
 ``--calib-samples`` draws, on the named panels of the modelled columns (``__rest__`` takes
 part in the normalisation only). Ridge and the mean get an NB around their prediction
 (:class:`~spartha_pyro.baselines.NBWrapper`, dispersion fit on cross-fitted training
-predictions; each spot's library predicted from its histology features by ridge, as SPARTHA
-predicts it from histology; ``--nb-library train_median`` gives every spot the median training
-library instead).
+predictions; by default, ``--nb-library auto``, each spot's library is predicted from its
+histology features by ridge, as SPARTHA predicts it from histology, or is the median training
+library, whichever gives the lower NLL of the training counts under the cross-fitted
+predictions; ``histology`` or ``train_median`` force one).
 
 ``--extra-sections A1 A2 ...`` (or ``all``: the 30 count-only sections) adds the methods
 ``spartha_all_sections`` (SPARTHA trained on the imaged training sections plus those, cluster
@@ -187,8 +188,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calib-samples", type=int, default=100, help="draws per spot scored for calibration (coverage, nll, crps)")
     p.add_argument("--sample-chunk", type=int, default=25, help="draws generated at a time (bounds memory)")
     p.add_argument(
-        "--nb-library", choices=["histology", "train_median"], default="histology",
-        help="library of the NB around ridge and the mean: predicted from histology (default) or the training median",
+        "--nb-library", choices=["auto", "histology", "train_median"], default="auto",
+        help="library of the NB around ridge and the mean: predicted from histology, the training median, or "
+        "whichever fits the training counts better (auto, default)",
     )
     p.add_argument("--pca", type=int, default=0, help="SPARTHA/SpatialDIVA see this many principal components of the features (0: raw)")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON of extra SPARTHA(...) arguments")

@@ -134,7 +134,7 @@ def split(sim):
     return sim[sim.obs["slide"] != held].copy(), sim[sim.obs["slide"] == held].copy()
 
 
-@pytest.mark.parametrize("library", ["train_median", "histology", "observed"])
+@pytest.mark.parametrize("library", ["train_median", "histology", "auto", "observed"])
 def test_nb_wrapped_ridge_gives_finite_nll(split, library):
     train, test = split
     wrapper = NBWrapper(RidgePredictor(), library=library).fit(train)
@@ -178,6 +178,9 @@ def test_histology_library_follows_the_image_and_lowers_the_nll():
     assert np.corrcoef(np.log(predicted), np.log(library[400:]))[0, 1] > 0.9
     nlls = {rule: -w.log_prob(test).mean() for rule, w in by_rule.items()}
     assert nlls["histology"] < nlls["train_median"] - 0.1, nlls
+    auto = NBWrapper(MeanPredictor(), library="auto").fit(train)  # chooses on the training counts
+    assert auto.library_rule_ == "histology" and set(auto.training_nll_) == {"train_median", "histology"}
+    np.testing.assert_allclose(auto.mean(test), by_rule["histology"].mean(test))
 
 
 def test_plot_calibration(nb_truth):

@@ -14,6 +14,9 @@ The baselines predict log1p-normalised expression ``p[n, g]`` (counts per 10,000
   spot; ``"histology"`` — ``expm1`` of a ridge regression of ``log1p(library)`` on the
   histology features (:class:`LibraryRidge`), the information SPARTHA has when it generates
   from histology alone (its decoder predicts ``log l_n`` from the latents);
+  ``"auto"`` — whichever of those two gives the lower NLL of the training counts under the
+  cross-fitted predictions (a point predictor whose log1p prediction already follows depth,
+  as ridge's does through sparse low-depth spots, can do worse with a predicted library);
   ``"observed"`` — the spot's own observed total, an oracle at test time (the test spot's
   counts are needed, which SPARTHA never sees) that removes library variation from the
   baseline's uncertainty.
@@ -46,7 +49,7 @@ from .ridge import RidgePredictor
 
 #: range of the fitted inverse dispersion (the upper end is practically Poisson)
 THETA_BOUNDS = (1e-3, 1e5)
-LIBRARY_RULES = ("train_median", "histology", "observed")
+LIBRARY_RULES = ("train_median", "histology", "auto", "observed")
 
 
 def _counts(adata: AnnData, layer: str | None) -> np.ndarray:
@@ -128,7 +131,8 @@ class NBWrapper:
     library
         ``"train_median"`` (default), ``"histology"`` (a :class:`LibraryRidge` on the
         predictor's histology features, per-section standardised as the predictor's; fair
-        against SPARTHA, which predicts each spot's library from histology too) or
+        against SPARTHA, which predicts each spot's library from histology too), ``"auto"``
+        (the one of those two with the lower training NLL, see the module docstring) or
         ``"observed"`` (the test spot's own total count: oracle information).
     cross_fit
         Folds of the cross-fitted training predictions used to fit ``c`` and ``theta``;
@@ -165,9 +169,9 @@ class NBWrapper:
             if library.shape != (adata.n_obs,) or (library < 0).any():
                 raise InputError(f"library must be non-negative with shape ({adata.n_obs},), got {library.shape}")
             return library
-        if self.library == "observed":
+        if self.library_rule_ == "observed":
             return _counts(adata, layer).sum(1)
-        if self.library == "histology":
+        if self.library_rule_ == "histology":
             return self.library_model_.predict_library(adata)
         return np.full(adata.n_obs, self.median_library_)
 
@@ -196,12 +200,15 @@ class NBWrapper:
         Returns
         -------
         ``self``, with ``scale_`` (``c``, ``(n_genes,)``), ``theta_`` (``(n_genes,)``),
-        ``median_library_``, ``var_names_`` and, for ``library="histology"``,
-        ``library_model_`` (the fitted :class:`LibraryRidge`).
+        ``median_library_``, ``var_names_``, ``library_rule_`` (the rule used; ``"auto"``
+        resolved), ``training_nll_`` (``{rule: NLL per spot per gene}`` of the training counts
+        for each rule tried) and, for the histology rule, ``library_model_`` (the fitted
+        :class:`LibraryRidge`).
         """
         counts = _counts(adata, layer)
         self.median_library_ = float(np.median(counts.sum(1)))
-        histology_library = self.library == "histology"
+        rules = ("train_median", "histology") if self.library == "auto" else (self.library,)
+        histology_library = "histology" in rules
         if self.cross_fit is None:
             prediction, library = None, None
         else:  # held-out predictions of the expression (and of the library) for every training spot
@@ -218,10 +225,21 @@ class NBWrapper:
         if prediction is None:
             prediction = self.predictor.predict(adata)
         self.var_names_ = self.predictor.var_names_
-        base = self._mu(prediction, self._library(adata, layer, library), 1.0)
-        totals = base.sum(0)
-        self.scale_ = np.where(totals > 0, counts.sum(0) / totals, 1.0)
-        self.theta_ = fit_nb_theta(counts, self._mu(prediction, self._library(adata, layer, library), self.scale_))
+        fits = {}
+        for rule in rules:
+            self.library_rule_ = rule
+            lib = self._library(adata, layer, library if rule == "histology" else None)
+            base = self._mu(prediction, lib, 1.0)
+            totals = base.sum(0)
+            scale = np.where(totals > 0, counts.sum(0) / totals, 1.0)
+            mu = self._mu(prediction, lib, scale)
+            theta = fit_nb_theta(counts, mu)
+            fits[rule] = (float(-nb_log_prob(counts, mu, theta).mean()), scale, theta)
+        self.training_nll_ = {rule: fit[0] for rule, fit in fits.items()}
+        self.library_rule_ = min(fits, key=lambda rule: fits[rule][0])
+        _, self.scale_, self.theta_ = fits[self.library_rule_]
+        if self.library_rule_ != "histology":
+            self.__dict__.pop("library_model_", None)
         return self
 
     def mean(self, adata: AnnData, layer: str | None = None, library=None, **predict_kwargs) -> np.ndarray:
@@ -271,7 +289,7 @@ class NBWrapper:
             dims=("sample", "spot", "gene"),
             coords={"sample": np.arange(num_samples), "spot": np.asarray(adata.obs_names), "gene": np.asarray(self.var_names_)},
             name="expression",
-            attrs={"library": self.library if library is None else "given", "seed": seed, "model": f"NB({type(self.predictor).__name__})"},
+            attrs={"library": self.library_rule_ if library is None else "given", "seed": seed, "model": f"NB({type(self.predictor).__name__})"},
         )
 
     def log_prob(self, adata: AnnData, layer: str | None = None, library=None, **predict_kwargs) -> np.ndarray:
