@@ -67,7 +67,8 @@ Paired statistics, method ``"<a>_vs_<b>"``:
   (``..._diff_mean``, ``..._p_value``, and ``..._p_value_greater``, where "greater" means
   that ``a`` is better).
 
-Records go to ``--out`` (JSON). The per-gene PCCs go beside it (``.npz``). With
+Records go to ``--out`` (JSON); ``--merge A.json B.json ... --out M.json`` joins runs made
+separately (e.g. one held-out section each) and recomputes the tests over all their sections. The per-gene PCCs go beside it (``.npz``). With
 ``--plot-dir``, the plots go there: every metric against the rate (``artifacts_<panel>.png``),
 examples of corrupted patches (``artifact_examples.png``) and SPARTHA's probe matrix per rate
 (``artifacts_probe.csv``: can its latents, ``Z_r`` among them, read the labels, slide and QC?).
@@ -156,6 +157,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache", default="benchmarks/cache", help="folder of the clean prepared .h5ad (shared with her2st.py)")
     p.add_argument("--out", default="results_artifacts.json")
     p.add_argument("--plot-dir", default=None)
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="only merge these result files: paired tests over all their sections, tables, plots")
     args = p.parse_args(argv)
     if not all(0 <= r < 1 for r in args.rates):
         raise sp.InputError(f"--rates must lie in [0, 1), got {args.rates}")
@@ -483,10 +486,11 @@ def _init_worker(shared: tuple, threads: int) -> None:
     threadpool_limits(threads)
 
 
-def paired(results: list[dict], args) -> list[dict]:
-    """The paired statistics of :data:`PAIRS` (see the module docstring)."""
-    out = []
-    by_key = {}
+def block_cis(results: list[dict], args) -> list[dict]:
+    """Per held-out section, seed and rate, the spatial block-bootstrap CI of each
+    :data:`PAIRS` difference in per-gene PCC against the clean truth
+    (``pcc_gene_clean_diff_ci_low|high``), from the runs' stored predictions."""
+    out, by_key = [], {}
     for r in results:
         _, section, rate, seed, _ = r["task"]
         by_key.setdefault((section, rate, seed), {}).update({row: (r, pred) for row, pred in r["preds"].items()})
@@ -494,33 +498,43 @@ def paired(results: list[dict], args) -> list[dict]:
         for a, b in PAIRS:
             if a not in rows or b not in rows:
                 continue
-            (ra, pa), (rb, pb) = rows[a], rows[b]
+            (ra, pa), (_, pb) = rows[a], rows[b]
             for panel, g in ra["panels"].items():
                 idx = ra["genes"].get_indexer(g)
                 ci = block_bootstrap_ci(pa[:, idx], pb[:, idx], ra["clean_obs"][:, idx], ra["coords"],
                                         block_size=args.block_size, n_boot=args.n_boot, seed=seed)
                 base = {"method": f"{a}_vs_{b}", "section": section, "seed": seed, "rate": rate, "panel": panel}
                 out += [{**base, "metric": m, "value": float(v)} for m, v in (
-                    ("pcc_gene_clean_diff", ci.estimate), ("pcc_gene_clean_diff_ci_low", ci.ci_low),
-                    ("pcc_gene_clean_diff_ci_high", ci.ci_high))]
-            records = {(x["method"], x["panel"], x["metric"]): x["value"] for rr in (ra, rb) for x in rr["records"]}
-            for panel in ra["panels"]:
-                ka, kb = (a, panel, "mse_clean_corrupted"), (b, panel, "mse_clean_corrupted")
-                if ka in records and kb in records:  # lower is better: b - a > 0 means a is better
-                    out.append({"method": f"{a}_vs_{b}", "section": section, "seed": seed, "rate": rate,
-                                "panel": panel, "metric": "mse_clean_corrupted_diff", "value": records[kb] - records[ka]})
-    df = pd.DataFrame([r for r in out if r["metric"].endswith("_diff")])
+                    ("pcc_gene_clean_diff_ci_low", ci.ci_low), ("pcc_gene_clean_diff_ci_high", ci.ci_high))]
+    return out
+
+
+def section_tests(records: list[dict]) -> list[dict]:
+    """Each :data:`PAIRS` difference per held-out section, seed and rate, from the records
+    (``pcc_gene_clean_diff`` = a - b; ``mse_clean_corrupted_diff`` = b - a; positive: ``a``
+    better), and with two or more sections the sign-flip tests over sections of their means
+    over seeds (``..._mean``, ``..._p_value``, ``..._p_value_greater``, ``n_sections``)."""
+    df = pd.DataFrame([r for r in records if r["method"] in ROWS and r["metric"] in ("pcc_gene_clean", "mse_clean_corrupted")])
     if df.empty:
-        return out
-    per_section = df.groupby(["method", "rate", "panel", "metric", "section"])["value"].mean()
-    for (method, rate, panel, metric), v in per_section.groupby(level=[0, 1, 2, 3]):
+        return []
+    wide = df.pivot_table(index=["rate", "panel", "metric", "section", "seed"], columns="method", values="value", aggfunc="mean")
+    out = []
+    for a, b in PAIRS:
+        if a not in wide or b not in wide:
+            continue
+        diff = (wide[a] - wide[b]).dropna()
+        for (rate, panel, metric, section, seed), v in diff.items():
+            out.append({"method": f"{a}_vs_{b}", "section": section, "seed": int(seed), "rate": rate, "panel": panel,
+                        "metric": f"{metric}_diff", "value": float(v if metric == "pcc_gene_clean" else -v)})
+    tests = pd.DataFrame(out).groupby(["method", "rate", "panel", "metric", "section"])["value"].mean()
+    for (method, rate, panel, metric), v in tests.groupby(level=[0, 1, 2, 3]):
         if len(v) < 2:
             continue
         base = {"method": method, "section": "all", "seed": None, "rate": rate, "panel": panel}
-        tests = {alt: paired_sign_flip_test(v.to_numpy(), alt).p_value for alt in ("two-sided", "greater")}
+        p = {alt: paired_sign_flip_test(v.to_numpy(), alt).p_value for alt in ("two-sided", "greater")}
         out += [{**base, "metric": m, "value": float(x)} for m, x in (
-            (f"{metric}_mean", v.mean()), (f"{metric}_p_value", tests["two-sided"]),
-            (f"{metric}_p_value_greater", tests["greater"]), ("n_sections", float(len(v))))]
+            (f"{metric}_mean", v.mean()), (f"{metric}_p_value", p["two-sided"]),
+            (f"{metric}_p_value_greater", p["greater"]), ("n_sections", float(len(v))))]
     return out
 
 
@@ -560,8 +574,28 @@ def plot_examples(examples: list, path: Path) -> None:
     plt.close(fig)
 
 
+def merge(args) -> list[dict]:
+    """``--merge``: the per-run records of several result files (e.g. held-out sections run
+    separately) with the paired differences and sign-flip tests recomputed over all their
+    sections; tables, and plots with ``--plot-dir``. Block-bootstrap CIs are kept as the
+    files have them (they need the predictions)."""
+    records = []
+    for f in args.merge:
+        records += [r for r in json.loads(Path(f).read_text())
+                    if not (r["method"].count("_vs_") and not r["metric"].endswith(("_ci_low", "_ci_high")))]
+    records += section_tests(records)
+    Path(args.out).write_text(json.dumps(records, indent=1))
+    report(records)
+    if args.plot_dir:
+        Path(args.plot_dir).mkdir(parents=True, exist_ok=True)
+        plot(records, Path(args.plot_dir))
+    return records
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args)
     bargs = bench_args(args)
     sections = list(dict.fromkeys(args.train_sections + args.test_sections))
     bench.check_inputs(bargs, sections)
@@ -604,7 +638,7 @@ def main(argv=None) -> list[dict]:
         records += result["records"]
         Path(args.out).write_text(json.dumps(records, indent=1))
     print(f"{len(tasks)} runs: {time.perf_counter() - start:.0f} s wall clock", flush=True)
-    records += paired(results, args)
+    records += block_cis(results, args) + section_tests(records)
     Path(args.out).write_text(json.dumps(records, indent=1))
     np.savez_compressed(Path(args.out).with_suffix(".npz"), **{
         f"pcc_gene_clean/{row}/{r['task'][1]}/{r['task'][2]}/{r['task'][3]}/{panel}": v

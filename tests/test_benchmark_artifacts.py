@@ -97,3 +97,9 @@ def test_a_run_scores_against_the_clean_truth(arte, folder, tmp_path):
     for name in ("artifacts_hvg.png", "artifacts_top250.png", "artifact_examples.png", "artifacts_probe.csv"):
         assert (plots / name).is_file(), name
     assert "pcc_gene_clean/spartha_pass/S3/0.3/0/hvg" in np.load(out.with_suffix(".npz"))
+    # runs made separately merge into tests over all their sections (a copy of S3 as "S9": 2 sections)
+    (tmp_path / "s9.json").write_text(json.dumps([dict(r, section="S9") for r in records if r["section"] == "S3"]))
+    merged = arte.main(["--merge", str(out), str(tmp_path / "s9.json"), "--out", str(tmp_path / "m.json")])
+    got = {(r["method"], r["rate"], r["panel"], r["metric"]): r["value"] for r in merged if r["section"] == "all"}
+    assert got[("spartha_vs_ridge", 0.3, "hvg", "n_sections")] == 2
+    assert got[("spartha_vs_ridge", 0.3, "hvg", "pcc_gene_clean_diff_p_value")] == pytest.approx(0.5)  # 2 equal signs of 4
