@@ -56,7 +56,9 @@ Metrics, per panel, against the held-out section's clean log1p(counts per 10,000
   ``clean`` (the clean spots themselves), ``observed`` (the corrupted measured spots) and
   ``constant`` (the training-mean profile with Poisson noise).
 
-Also recorded: ``qc`` rows, the share of corrupted and of clean spots that the QC flagged.
+Also recorded: ``qc`` rows, the share of corrupted and of clean spots that the QC flagged; and
+for each VAE (panel ``train``) what early stopping chose on the inner training section:
+``chosen_epochs`` and ``chosen_val_pcc_gene``.
 
 Paired statistics, method ``"<a>_vs_<b>"``:
 
@@ -368,12 +370,13 @@ def corrupt(clean: AnnData, images: dict, rate: float, seed: int, extractors: di
 # ---------------------------------------------------------------------------- methods and scores
 def predict_rows(method: str, train: AnnData, test_hist: AnnData, panels: dict, bargs, seed: int):
     """``{row: (log1p-normalised prediction (spots × genes), genes, sampled counts or None)}``
-    of one method, and SPARTHA's probe matrix (else None)."""
+    of one method, SPARTHA's probe matrix (else None) and, for the VAEs, what early stopping
+    chose (``{"epochs", "val_pcc_gene"}``, else empty)."""
     if method == "mean":
-        return {method: (MeanPredictor().fit(train).predict(test_hist), train.var_names, None)}, None
+        return {method: (MeanPredictor().fit(train).predict(test_hist), train.var_names, None)}, None, {}
     if method == "ridge":
         ridge = RidgePredictor("histology", group_key="slide", section_key="slide").fit(train)
-        return {method: (ridge.predict(test_hist), train.var_names, None)}, None
+        return {method: (ridge.predict(test_hist), train.var_names, None)}, None, {}
     fit_on = train
     if method == "spatialdiva_filtered":
         fit_on = train[(train.obs["qc_pass"] == "pass").to_numpy()].copy()
@@ -387,7 +390,8 @@ def predict_rows(method: str, train: AnnData, test_hist: AnnData, panels: dict, 
     for row, artifact in modes.items():
         pred, genes, first, _ = bench.posterior_predictive(model, test_hist, artifact, bargs, seed)
         rows[row] = (pred, genes, first)
-    return rows, bench.probe(model, seed) if method == "spartha" else None
+    chosen = {k: float(v) for k, v in (model.selection or {}).items() if k in ("epochs", "val_pcc_gene") and v is not None}
+    return rows, bench.probe(model, seed) if method == "spartha" else None, chosen
 
 
 def reference_counts(row: str, train: AnnData, test: AnnData, panels: dict, seed: int, n: int) -> tuple[list[str], np.ndarray]:
@@ -449,13 +453,14 @@ def run_task(task: tuple) -> dict:
     start = time.perf_counter()
     if method in REFERENCES:
         names, counts = reference_counts(method, train, test, panels, seed, args.sample_chunk)
-        rows, probe = {method: (None, names, counts)}, None
+        rows, probe, chosen = {method: (None, names, counts)}, None, {}
     else:
         test_hist = AnnData(obs=test.obs[["slide", "array_x", "array_y"]].copy(), obsm={"histology": test.obsm["histology"]})
-        rows, probe = predict_rows(method, train, test_hist, panels, bargs, seed)
+        rows, probe, chosen = predict_rows(method, train, test_hist, panels, bargs, seed)
     seconds = time.perf_counter() - start
     base = {"section": test_section, "seed": seed, "rate": rate, "seconds": seconds, "features": args.features}
-    records, pccs = [], {}
+    records = [{"method": method, **base, "panel": "train", "metric": f"chosen_{k}", "value": v} for k, v in chosen.items()]
+    pccs = {}
     for row, (pred, names, counts) in rows.items():
         got, pccs[row] = score_row(pred, names, counts, test, clean_obs, measured_obs, panels, seed)
         records += [{"method": row, **base, **r} for r in got]
@@ -679,7 +684,7 @@ def report(records: list[dict]) -> None:
     """Text tables: each metric by row and rate (mean over sections and seeds), and the tests."""
     df = pd.DataFrame(records)
     main_rows = df[df["method"].isin(ROWS) & (df["section"] != "all")]
-    for panel in ("hvg", "top250", "qc"):
+    for panel in ("hvg", "top250", "qc", "train"):
         t = main_rows[main_rows["panel"] == panel].pivot_table(index=["metric", "method"], columns="rate", values="value", aggfunc="mean")
         if not t.empty:
             print(f"\n{panel}: mean over held-out sections and seeds (columns: share of spots corrupted)")
