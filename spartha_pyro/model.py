@@ -271,8 +271,8 @@ class SPARTHA:
             negative ELBO. The chosen epochs and the validation scores are in
             ``self.selection`` (saved with the model).
         min_epochs
-            Early stopping never stops before this many epochs; ``None`` (default): half of
-            ``max_epochs``. On her2st (train C2 C3 C4, validate C5) the held-out per-gene PCC
+            Early stopping neither stops before this many epochs nor chooses an earlier one;
+            ``None`` (default): half of ``max_epochs``. On her2st (train C2 C3 C4, validate C5) the held-out per-gene PCC
             of the histology path dips below zero for the first ~25 epochs and plateaus from
             ~45 on: a patience of 20 alone would stop in the dip.
 
@@ -309,7 +309,7 @@ class SPARTHA:
         )
         history = fit(self.module, self._data, train_idx, val_idx, config, self.device, jit=jit)
         if val_idx is not None:
-            self.selection = selection_summary(history, monitor, self._held_out, refit)
+            self.selection = selection_summary(history, monitor, self._held_out, refit, config.min_epochs)
             if progress:
                 print(self.selection["message"])
         if refit:

@@ -42,9 +42,10 @@ class TrainConfig:
     ``checkpoint_every`` epochs, keeping the last ``keep_checkpoints``; with ``resume``,
     continue from the latest complete one (see :mod:`spartha_pyro.checkpoint`).
     ``precision``: ``"32"`` or ``"bf16"`` (see :data:`PRECISIONS`). ``monitor``: see
-    :data:`MONITORS`. ``min_epochs``: early stopping never stops before this many epochs (the
-    histology path's held-out PCC can dip below zero for the first tens of epochs before it
-    rises; see :meth:`spartha_pyro.SPARTHA.train`).
+    :data:`MONITORS`. ``min_epochs``: early stopping neither stops before this many epochs nor
+    chooses an earlier one (the histology path's held-out PCC can dip below zero for the first
+    tens of epochs before it rises, and a spurious score of a barely trained model there must
+    not win; see :meth:`spartha_pyro.SPARTHA.train`).
     """
 
     max_epochs: int = 100
@@ -281,14 +282,14 @@ def _fit(
                 record["val_pcc_gene"] = float(distributed.allreduce_mean(torch.tensor(pcc, device=device)))
         history.append(record)
         bar.set_postfix({k: round(v, 3) for k, v in record.items() if k != "epoch"}, refresh=False)
-        if val_idx is not None and len(val_idx) and config.patience is not None:
+        if val_idx is not None and len(val_idx) and config.patience is not None and epoch + 1 >= config.min_epochs:
             watched = monitored(record, config.monitor)
             if watched < best - 1e-4 * abs(best if math.isfinite(best) else 1.0):
                 best, stale = watched, 0
                 best_state = copy.deepcopy(module.state_dict())
             else:
                 stale += 1
-                if stale >= config.patience and epoch + 1 >= config.min_epochs:
+                if stale >= config.patience:
                     stopped = True
                     break
         if config.checkpoint_dir is not None and (epoch + 1) % config.checkpoint_every == 0:
@@ -303,7 +304,8 @@ def _fit(
     if best_state is not None:
         module.load_state_dict(best_state)
         if config.progress:
-            chosen = next((h["epoch"] for h in history if monitored(h, config.monitor) == best), history[-1]["epoch"])
+            chosen = next((h["epoch"] for h in history[config.min_epochs - 1 if config.min_epochs else 0 :]
+                           if monitored(h, config.monitor) == best), history[-1]["epoch"])
             ran = history[-1]["epoch"] + 1
             why = f"early stopping after epoch {ran} (no validation improvement for {config.patience})" if stopped else f"{ran} epochs"
             score = f"validation per-gene PCC {-best:.4f}" if config.monitor == "pcc" else f"validation loss {best:.4f}"
@@ -321,13 +323,15 @@ def monitored(record: dict, monitor: str) -> float:
     return record["val_loss_histology"]
 
 
-def selection_summary(history: list[dict], monitor: str, held_out: str | None, refit: bool) -> dict:
-    """What early stopping chose from a validated ``history``: the epoch count and its scores.
+def selection_summary(history: list[dict], monitor: str, held_out: str | None, refit: bool, min_epochs: int = 0) -> dict:
+    """What early stopping chose from a validated ``history``: the epoch count and its scores,
+    among epochs ``min_epochs`` and later (all of them when the history is shorter).
 
     Returns ``{"epochs", "monitor", "held_out", "refit", "val_pcc_gene", "val_loss_histology",
     "message"}`` (JSON-serialisable; ``val_pcc_gene`` is ``None`` when it was not monitored).
     """
-    best = min(range(len(history)), key=lambda i: monitored(history[i], monitor))
+    first = max(min_epochs - 1, 0) if len(history) >= min_epochs else 0
+    best = min(range(first, len(history)), key=lambda i: monitored(history[i], monitor))
     rec = history[best]
     pcc = rec.get("val_pcc_gene")
     score = f"validation per-gene PCC {pcc:.3f}" if pcc is not None else f"validation loss {rec['val_loss_histology']:.4g}"

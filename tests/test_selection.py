@@ -133,3 +133,14 @@ def test_early_stopping_waits_for_min_epochs(sim):
     model = sp.SPARTHA(sim, label_keys=["cell_type"], batch_key="slide", **SMALL)
     history = model.train(validation=["slide2"], refit=False, patience=1, min_epochs=6, **{**FAST, "max_epochs": 8})
     assert len(history) >= 6  # patience 1 alone would stop within the first few noisy epochs
+
+
+def test_no_epoch_before_min_epochs_is_chosen(sim, monkeypatch):
+    """A barely trained model can score a spurious validation PCC in the first epochs; that
+    epoch must not be chosen (its refit would train for it and predict nothing). Before the
+    fix, epoch 1 (PCC 0.5) won here."""
+    scores = iter([0.5, 0.1, 0.1, 0.2, 0.3, 0.25, 0.2, 0.1])
+    monkeypatch.setattr(sp.train, "evaluate_pcc", lambda *a, **k: next(scores))
+    model = sp.SPARTHA(sim, label_keys=["cell_type"], batch_key="slide", **SMALL)
+    model.train(validation=["slide2"], refit=False, patience=2, min_epochs=4, **{**FAST, "max_epochs": 8})
+    assert model.selection["epochs"] == 5 and model.selection["val_pcc_gene"] == pytest.approx(0.3)
