@@ -481,14 +481,12 @@ def run_task(task: tuple) -> dict:
             "panels": {k: list(panels[k]) for k in SCORED_PANELS if k in panels}}
 
 
-def _init_worker(shared: tuple, threads: int) -> None:
+def _init_worker(shared: tuple, threads: int | None = None) -> None:
+    """Keep the data every run reads (and, in a pool process, cap its threads)."""
     global _SHARED
     _SHARED = shared
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(threads)
-    threadpool_limits(threads)
+    if threads is not None:
+        bench.limit_threads(threads)
 
 
 def block_cis(results: list[dict], args) -> list[dict]:
@@ -638,7 +636,7 @@ def main(argv=None) -> list[dict]:
     print(f"{len(tasks)} runs (method x rate x seed x split) in {jobs} process(es)", flush=True)
     results = []
     start = time.perf_counter()
-    for result in _run(tasks, (data, args, bargs), jobs):
+    for result in bench.run_tasks(tasks, (data, args, bargs), jobs, run_task, _init_worker):
         results.append(result)
         records += result["records"]
         Path(args.out).write_text(json.dumps(records, indent=1))
@@ -660,24 +658,6 @@ def main(argv=None) -> list[dict]:
                                for rate in args.rates if any(float(p.rate) == rate for p in probes)}, names=["rate"])
             table.round(3).to_csv(plot_dir / "artifacts_probe.csv")
     return records
-
-
-def _run(tasks, shared, jobs):
-    """Results of :func:`run_task`, in ``jobs`` spawned processes (completion order) or here."""
-    global _SHARED
-    if jobs == 1:
-        _SHARED = shared
-        yield from map(run_task, tasks)
-        return
-    import multiprocessing
-    import os
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(shared, threads)) as pool:
-        for future in as_completed([pool.submit(run_task, t) for t in tasks]):
-            yield future.result()
 
 
 def report(records: list[dict]) -> None:

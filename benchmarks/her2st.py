@@ -649,15 +649,22 @@ def score(pred, genes, counts, calibration, test, obs, panels, args, seed, refer
 _SHARED: tuple | None = None
 
 
-def _init_worker(shared: tuple, threads: int) -> None:
-    """Process-pool initialiser: keep the data and cap the intra-op threads of torch and BLAS."""
-    global _SHARED
-    _SHARED = shared
+def limit_threads(threads: int) -> None:
+    """Cap the intra-op threads of torch and BLAS in this process."""
     import torch
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(threads)
     threadpool_limits(threads)
+
+
+def _init_worker(shared: tuple, threads: int | None = None) -> None:
+    """Keep the data every run reads (and, in a pool process, cap its threads)."""
+    global _SHARED
+    _SHARED = shared
+    split_data.cache_clear()
+    if threads is not None:
+        limit_threads(threads)
 
 
 def training_genes(adata: AnnData, train_sections) -> pd.Index:
@@ -722,19 +729,18 @@ def n_jobs(jobs: int, device: str, n_tasks: int) -> int:
     return max(1, min(jobs, n_tasks))
 
 
-def run_tasks(tasks: list[tuple], shared: tuple, jobs: int):
-    """Yield :func:`run_task` results, in ``jobs`` spawned processes of ``cpu_count // jobs``
-    threads each when ``jobs > 1`` (in completion order), else in this process in order."""
+def run_tasks(tasks: list[tuple], shared: tuple, jobs: int, run=run_task, initializer=_init_worker):
+    """Yield ``run(task)`` results (default :func:`run_task`), in ``jobs`` spawned processes of
+    ``cpu_count // jobs`` threads each when ``jobs > 1`` (in completion order), else in this
+    process in order; ``initializer(shared[, threads])`` first hands each process the data."""
     if jobs == 1:
-        global _SHARED
-        _SHARED = shared
-        split_data.cache_clear()
-        yield from map(run_task, tasks)
+        initializer(shared)
+        yield from map(run, tasks)
         return
     threads = max(1, (os.cpu_count() or 1) // jobs)
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(shared, threads)) as pool:
-        for future in as_completed([pool.submit(run_task, t) for t in tasks]):
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=initializer, initargs=(shared, threads)) as pool:
+        for future in as_completed([pool.submit(run, t) for t in tasks]):
             yield future.result()
 
 
