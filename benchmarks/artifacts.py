@@ -529,6 +529,8 @@ def section_tests(records: list[dict]) -> list[dict]:
         for (rate, panel, metric, section, seed), v in diff.items():
             out.append({"method": f"{a}_vs_{b}", "section": section, "seed": int(seed), "rate": rate, "panel": panel,
                         "metric": f"{metric}_diff", "value": float(v if metric == "pcc_gene_clean" else -v)})
+    if not out:  # no pair of rows ran (e.g. only ridge and the mean)
+        return out
     tests = pd.DataFrame(out).groupby(["method", "rate", "panel", "metric", "section"])["value"].mean()
     for (method, rate, panel, metric), v in tests.groupby(level=[0, 1, 2, 3]):
         if len(v) < 2:

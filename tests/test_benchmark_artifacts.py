@@ -103,3 +103,9 @@ def test_a_run_scores_against_the_clean_truth(arte, folder, tmp_path):
     got = {(r["method"], r["rate"], r["panel"], r["metric"]): r["value"] for r in merged if r["section"] == "all"}
     assert got[("spartha_vs_ridge", 0.3, "hvg", "n_sections")] == 2
     assert got[("spartha_vs_ridge", 0.3, "hvg", "pcc_gene_clean_diff_p_value")] == pytest.approx(0.5)  # 2 equal signs of 4
+
+
+def test_no_pair_of_rows_gives_no_tests(arte):
+    """A run of the baselines alone has nothing to pair (it raised a KeyError before)."""
+    base = {"section": "S3", "seed": 0, "rate": 0.3, "panel": "hvg", "metric": "pcc_gene_clean"}
+    assert arte.section_tests([{**base, "method": "ridge", "value": 0.1}, {**base, "method": "mean", "value": 0.0}]) == []
