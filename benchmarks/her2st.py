@@ -64,9 +64,14 @@ library, whichever gives the lower NLL of the training counts under the cross-fi
 predictions; ``histology`` or ``train_median`` force one).
 
 ``--extra-sections A1 A2 ...`` (or ``all``: the 30 count-only sections) adds the methods
-``spartha_all_sections`` (SPARTHA trained on the imaged training sections plus those, cluster
-labels; their histology rows are NaN) and ``spartha_all_sections_3labels`` (also the
-pathology and dominant deconvolved cell-type labels), for ``--extra-epochs`` epochs. Every
+``spartha_all_sections`` (SPARTHA given the imaged training sections plus those, cluster
+labels; their histology rows are NaN; with the library default ``unimaged="auto"`` the
+count-only spots are kept only if the validation stage scores better with them),
+``spartha_all_sections_always`` (the same, always using them) and
+``spartha_all_sections_3labels`` (also the pathology and dominant deconvolved cell-type
+labels), with the same ``--validation`` and ``--epochs`` as ``spartha`` (``--extra-epochs``
+overrides the latter). An epoch is one pass over the imaged spots, the count-only spots
+filling at most half of each minibatch (``SPARTHA.train(max_unimaged_share=0.5)``). Every
 method of such a run is scored on genes in every count-only section's table and every
 training section's table (an unmeasured gene is not a zero). The disentanglement probe matrix of
 SPARTHA's latents (full guide, training sections) versus its labels, slide and QC is scored on
@@ -126,7 +131,14 @@ from spartha_pyro.train import resolve_device  # noqa: E402
 
 #: SPARTHA trained with the count-only ``--extra-sections`` too, with the cluster labels or with
 #: cluster + pathology + dominant deconvolved cell type
-EXTRA_METHODS = {"spartha_all_sections": ["cluster"], "spartha_all_sections_3labels": ["cluster", "pathology", "cell_type"]}
+EXTRA_METHODS = {
+    "spartha_all_sections": ["cluster"],
+    "spartha_all_sections_always": ["cluster"],
+    "spartha_all_sections_3labels": ["cluster", "pathology", "cell_type"],
+}
+#: ``SPARTHA.train(unimaged=...)`` of each extra method: the library default ``"auto"`` (the
+#: count-only spots are used only if the validation stage scores better with them) unless named here
+UNIMAGED = {"spartha_all_sections_always": "use"}
 METHODS = ("spartha", "spatialdiva", "histogene", "ridge", "mean", *EXTRA_METHODS)
 #: methods that generate counts (and so get QCPR and the QC fidelity score)
 GENERATIVE = ("spartha", "spatialdiva", *EXTRA_METHODS)
@@ -174,7 +186,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="count-only sections (or 'all': the 30 without an image) added to the training of the "
         f"{list(EXTRA_METHODS)} methods; every method then scores on the genes shared by all sections read",
     )
-    p.add_argument("--extra-epochs", type=int, default=15, help="epochs of the models trained with the extra sections")
+    p.add_argument(
+        "--extra-epochs", type=int, default=None,
+        help="(max) epochs of the models trained with the extra sections (default: --epochs; an epoch is a pass over "
+        "the imaged spots, the count-only ones filling at most half of each minibatch)",
+    )
     p.add_argument("--features", default="lite0+stats+nbr", help="'+'-joined blocks among lite0, stats; add 'nbr' for grid-neighbour means")
     p.add_argument("--train-genes", choices=["panels", "all"], default="panels", help="genes the generative models are trained on")
     p.add_argument("--n-hvg", type=int, default=2500)
@@ -443,7 +459,7 @@ def train_spartha(method: str, train: AnnData, args, seed: int, validation: str 
         )
         model.train(
             max_epochs=epochs, batch_size=args.batch_size, validation=validation_sections,
-            patience=args.patience, seed=seed, progress=False, device=args.device,
+            patience=args.patience, seed=seed, progress=False, device=args.device, unimaged=UNIMAGED.get(method, "auto"),
         )
         return model
 
@@ -544,11 +560,12 @@ def with_extra_sections(train: AnnData, extra: AnnData) -> AnnData:
 
 def run_method(method, train, test, panels, args, seed, validation, extra=None):
     """Predictions for ``test`` from its histology alone: ``{row: (log1p-normalised
-    prediction (spots × genes), genes, sampled counts or None, calibration draws or None)}``
-    and, for SPARTHA, the probe matrix. Ridge and the mean get their calibration draws from
-    an NB around them, fit on the modelled columns (as SPARTHA's)."""
+    prediction (spots × genes), genes, sampled counts or None, calibration draws or None)}``,
+    for SPARTHA the probe matrix, and for the VAEs what early stopping chose
+    (``{"epochs": ..., "val_pcc_gene": ...}``, else ``{}``). Ridge and the mean get their
+    calibration draws from an NB around them, fit on the modelled columns (as SPARTHA's)."""
     if method in QC_REFERENCES:
-        return {method: (None, *qc_reference(method, train, test, panels, args, seed), None)}, None
+        return {method: (None, *qc_reference(method, train, test, panels, args, seed), None)}, None, {}
     keep = ["histology", "patches"] if method == "histogene" else ["histology"]
     test_hist = AnnData(obs=test.obs[["slide", "array_x", "array_y"]].copy(), obsm={k: test.obsm[k] for k in keep})
     if method in ("mean", "ridge"):
@@ -557,10 +574,10 @@ def run_method(method, train, test, panels, args, seed, validation, extra=None):
         make = (lambda: MeanPredictor()) if method == "mean" else (
             lambda: RidgePredictor("histology", group_key="slide", section_key=section_key))
         calibration = nb_baseline(make(), modelled_genes(train, panels, args.train_genes), test_hist, args, seed)
-        return {method: (make().fit(train).predict(test_hist), train.var_names, None, calibration)}, None
+        return {method: (make().fit(train).predict(test_hist), train.var_names, None, calibration)}, None, {}
     if method == "histogene":
         model = HisToGene(seed=seed).fit(train, coord_key=("array_x", "array_y"), epochs=args.histogene_epochs)
-        return {method: (model.predict(test_hist, coord_key=("array_x", "array_y")), train.var_names, None, None)}, None
+        return {method: (model.predict(test_hist, coord_key=("array_x", "array_y")), train.var_names, None, None)}, None, {}
     if args.pca:
         train, test_hist = pca_histology(train, test_hist, args.pca)
     if method in EXTRA_METHODS:
@@ -568,11 +585,16 @@ def run_method(method, train, test, panels, args, seed, validation, extra=None):
             raise sp.InputError(f"{method} needs --extra-sections")
         combined = modelled_genes(with_extra_sections(train, extra), panels, args.train_genes)
         model = train_spartha(method, combined, args, seed, validation, EXTRA_METHODS[method], args.extra_epochs)
-        return {method: posterior_predictive(model, test_hist, "posterior", args, seed)}, None
+        return {method: posterior_predictive(model, test_hist, "posterior", args, seed)}, None, chosen(model)
     model = train_spartha(method, modelled_genes(train, panels, args.train_genes), args, seed, validation)
     modes = {"spartha": "posterior", "spartha_pass": "pass"} if method == "spartha" else {method: "posterior"}
     out = {row: posterior_predictive(model, test_hist, artifact, args, seed) for row, artifact in modes.items()}
-    return out, probe(model, seed) if method == "spartha" else None
+    return out, probe(model, seed) if method == "spartha" else None, chosen(model)
+
+
+def chosen(model: sp.SPARTHA) -> dict[str, float]:
+    """What early stopping chose: ``{"epochs", "val_pcc_gene"}`` (empty without validation)."""
+    return {k: float(v) for k, v in (model.selection or {}).items() if k in ("epochs", "val_pcc_gene") and v is not None}
 
 
 def qc_reference(method: str, train: AnnData, test: AnnData, panels, args, seed: int) -> tuple[list[str], xr.DataArray]:
@@ -697,9 +719,11 @@ def run_task(task: tuple) -> tuple[list[dict], xr.DataArray | None, dict]:
     train_sections, test_section, validation, method, seed = task
     train, test, obs, panels = split_data(train_sections, test_section)
     start = time.perf_counter()
-    preds, probe_da = run_method(method, train, test, panels, args, seed, validation, extra)
+    preds, probe_da, choice = run_method(method, train, test, panels, args, seed, validation, extra)
     seconds = time.perf_counter() - start
-    records, scores = [], {}
+    base = {"method": method, "section": test_section, "seed": seed, "seconds": seconds,
+            "features": args.features, "train_genes": args.train_genes, "panel": "train"}
+    records, scores = [{**base, "metric": f"chosen_{k}", "value": v} for k, v in choice.items()], {}
     for row, (pred, genes, counts, calibration) in preds.items():
         rows, scores[row] = score(pred, genes, counts, calibration, test, obs, panels, args, seed, reference=row if row in QC_REFERENCES else None)
         records += [

@@ -58,6 +58,38 @@ def iterate_minibatches(n: int, batch_size: int, rng: np.random.Generator | None
         yield np.sort(order[start : start + batch_size])
 
 
+def stratified_minibatches(
+    has_histology: np.ndarray, batch_size: int, rng: np.random.Generator, drop_last: bool, max_unimaged_share: float
+) -> list[np.ndarray]:
+    """One epoch's minibatches (index arrays into ``has_histology``) when the spots without
+    histology (count-only sections) would otherwise swamp the ones with.
+
+    An epoch is one pass over the spots **with** histology, shuffled into minibatches of
+    ``batch_size - k`` spots; each minibatch is topped up with ``k`` spots without histology,
+    ``k = round(batch_size * min(their share of the data, max_unimaged_share))`` (at least one),
+    drawn from shuffled passes over them (a partial last minibatch gets a proportional ``k``).
+    Adding count-only sections therefore neither lengthens an epoch beyond
+    ``1 / (1 - max_unimaged_share)`` times nor cuts the histology path's steps, whatever their
+    size. The ELBO stays unbiased through per-stratum scales
+    (:meth:`~spartha_pyro.module.SparthaModule.stratum_scale`). With one stratum only, or
+    ``max_unimaged_share >= 1``, this is :func:`iterate_minibatches` over every spot.
+    """
+    has_histology = np.asarray(has_histology, dtype=bool)
+    with_h, without = np.flatnonzero(has_histology), np.flatnonzero(~has_histology)
+    if not len(with_h) or not len(without) or max_unimaged_share >= 1:
+        return list(iterate_minibatches(len(has_histology), batch_size, rng, drop_last))
+    if batch_size < 2:
+        raise ValueError("stratified minibatches need batch_size >= 2")
+    share = min(len(without) / len(has_histology), max_unimaged_share)
+    k = min(max(1, round(batch_size * share)), batch_size - 1)
+    imaged = [with_h[b] for b in iterate_minibatches(len(with_h), batch_size - k, rng, drop_last)]
+    sizes = [max(1, round(k * len(h) / (batch_size - k))) for h in imaged]
+    passes = -(-sum(sizes) // len(without))
+    fill = np.concatenate([rng.permutation(without) for _ in range(passes)])
+    ends = np.cumsum(sizes)
+    return [np.sort(np.concatenate([h, fill[end - size : end]])) for h, size, end in zip(imaged, sizes, ends)]
+
+
 def minibatch(data: SpotArrays, idx: np.ndarray, device: torch.device, n_genes: int) -> Batch:
     """The :class:`Batch` of spots ``idx`` of ``data`` on ``device``.
 

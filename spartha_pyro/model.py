@@ -22,7 +22,7 @@ from .data import QC_CODES, Registry, SpotArrays, add_label_set, class_counts, e
 from .loaders import iterate_minibatches, minibatch
 from .module import SparthaModule
 from .recipe import check_recipe, read_recipe
-from .train import TrainConfig, fit, resolve_device, selection_summary
+from .train import TrainConfig, fit, monitored, resolve_device, selection_summary, unimaged_summary
 
 FORMAT_VERSION = 1
 LATENTS = ("y", "d", "r", "x")
@@ -203,13 +203,16 @@ class SPARTHA:
         refit: bool | None = None,
         monitor: str = "pcc",
         min_epochs: int | None = None,
+        max_unimaged_share: float = 0.5,
+        unimaged: str = "auto",
     ) -> list[dict]:
         """Fit by minibatch SVI (ClippedAdam) on the training AnnData.
 
         Parameters
         ----------
         max_epochs
-            Maximum passes over the training spots.
+            Maximum passes over the training spots (over those with histology when some
+            have none; see ``max_unimaged_share``).
         batch_size
             Spots per minibatch.
         lr
@@ -275,6 +278,22 @@ class SPARTHA:
             ``None`` (default): half of ``max_epochs``. On her2st (train C2 C3 C4, validate C5) the held-out per-gene PCC
             of the histology path dips below zero for the first ~25 epochs and plateaus from
             ~45 on: a patience of 20 alone would stop in the dip.
+        max_unimaged_share
+            When some training spots have no histology (count-only sections), an epoch is one
+            pass over the spots *with* histology and each minibatch holds at most this share of
+            the others, drawn afresh each epoch, with the ELBO reweighted per stratum so it
+            stays unbiased (:func:`spartha_pyro.loaders.stratified_minibatches`). So adding
+            count-only sections keeps the histology path's steps per epoch (what prediction
+            uses) and at most doubles an epoch's cost (at 0.5), however many spots they bring.
+            ``1.0``: every spot once per epoch.
+        unimaged
+            Whether training uses the spots without histology (count-only sections): ``"use"``,
+            ``"ignore"``, or ``"auto"`` (default): with validation, the validation stage is run
+            both ways and they are used only if the histology path then predicts the validation
+            spots better (``monitor``); the refit follows that choice, and ``self.selection
+            ["unimaged"]`` records both scores (printed). Without validation, or with
+            checkpoints, ``"auto"`` uses them. Adding count-only sections is not free: on her2st
+            they can lower held-out accuracy (``benchmarks/README.md``).
 
         Under ``torch.distributed`` (e.g. ``torchrun`` + ``init_process_group``) every rank
         trains on a disjoint shard of the minibatches with averaged gradients; see
@@ -286,6 +305,10 @@ class SPARTHA:
         """
         if max_epochs < 1 or batch_size < 1:
             raise InputError("max_epochs and batch_size must be positive")
+        if unimaged not in ("auto", "use", "ignore"):
+            raise InputError(f"unimaged must be 'auto', 'use' or 'ignore', got {unimaged!r}")
+        if not 0 < max_unimaged_share <= 1:
+            raise InputError(f"max_unimaged_share must be in (0, 1], got {max_unimaged_share}")
         if self._data is None:
             raise InputError("this model was loaded without its training AnnData; pass adata to SPARTHA.load to train")
         if resume and checkpoint_dir is None:
@@ -296,7 +319,6 @@ class SPARTHA:
             raise InputError("refit=True needs validation (to choose the epoch count) and no checkpoint_dir")
         train_idx, val_idx = self._split(validation, seed)
         self.device = resolve_device(device)
-        self.module.configure(n_spots=len(train_idx), jit=False)
         config = TrainConfig(
             max_epochs=max_epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, progress=progress,
             clip_norm=clip_norm, weight_decay=weight_decay,
@@ -305,22 +327,45 @@ class SPARTHA:
             validate=None if self.device.type == "cpu" else False,
             checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), checkpoint_every=checkpoint_every,
             keep_checkpoints=keep_checkpoints, resume=resume, precision=precision, monitor=monitor,
-            min_epochs=max_epochs // 2 if min_epochs is None else min_epochs,
+            min_epochs=max_epochs // 2 if min_epochs is None else min_epochs, max_unimaged_share=max_unimaged_share,
         )
-        history = fit(self.module, self._data, train_idx, val_idx, config, self.device, jit=jit)
+        imaged = np.asarray(self._data.has_histology, dtype=bool)
+        n_unimaged = int((~imaged[train_idx]).sum())
+        options = ["use"]  # "ignore" first when both run: a tie keeps the simpler training set
+        if n_unimaged and unimaged == "ignore":
+            options = ["ignore"]
+        elif n_unimaged and unimaged == "auto" and val_idx is not None and checkpoint_dir is None:
+            options = ["ignore", "use"]
+        runs = {}
+        for k, option in enumerate(options):
+            if k:
+                self.module = self._initial_module()
+            idx = train_idx if option == "use" else train_idx[imaged[train_idx]]
+            self.module.configure(n_spots=len(idx), jit=False)
+            history = fit(self.module, self._data, idx, val_idx, config, self.device, jit=jit)
+            selection = selection_summary(history, monitor, self._held_out, refit, config.min_epochs) if val_idx is not None else None
+            runs[option] = (self.module, history, selection)
+        choice = min(options, key=lambda o: monitored(runs[o][1][runs[o][2]["epochs"] - 1], monitor)) if len(options) > 1 else options[0]
+        self.module, history = runs[choice][:2]
         if val_idx is not None:
-            self.selection = selection_summary(history, monitor, self._held_out, refit, config.min_epochs)
-            if progress:
-                print(self.selection["message"])
+            self.selection = runs[choice][2]
+        if len(options) > 1:
+            history = [{**h, "unimaged": o} for o in options for h in runs[o][1]]
+        if n_unimaged and val_idx is not None:
+            self.selection["unimaged"] = unimaged_summary(runs, choice, n_unimaged, monitor, unimaged)
+            self.selection["message"] += "; " + self.selection["unimaged"]["message"]
+        if val_idx is not None and progress:
+            print(self.selection["message"])
         if refit:
             best = self.selection["epochs"]
             self.module = self._initial_module()
-            self.module.configure(n_spots=self._data.n, jit=False)
+            every = np.arange(self._data.n) if choice == "use" else np.flatnonzero(imaged)
+            self.module.configure(n_spots=len(every), jit=False)
             config.max_epochs, config.patience = best, None
             history = [{**h, "stage": "validation"} for h in history]
             history += [
                 {**h, "stage": "refit"}
-                for h in fit(self.module, self._data, np.arange(self._data.n), None, config, self.device, jit=jit)
+                for h in fit(self.module, self._data, every, None, config, self.device, jit=jit)
             ]
         self.history += history
         self.is_trained = True

@@ -5,7 +5,8 @@
 
 ``loss = -ELBO(model, full guide) - histology_weight * ELBO(model, histology guide)``
 
-per spot (the classifier factors sit inside each guide). The histology path's ELBO is masked
+per spot (the classifier factors sit inside each guide; minibatches stratified by histology
+get per-stratum scales, :meth:`SparthaModule.stratum_scale`). The histology path's ELBO is masked
 for spots without histology. Everything else done to the programs is here too, one
 :class:`~spartha_pyro.loaders.Batch` at a time: posterior predictive draws (with the
 artifact-free override), posterior means of the latents, the histology path's prediction,
@@ -73,6 +74,9 @@ class SparthaModule(nn.Module):
             n_genes, histology_dim, hist_encoder, n_spots, dims, self.classifiers, site_weights, config.hidden
         )
         self.histology_weight = config.histology_weight
+        #: ``(spots with histology, spots without)`` in the training set while minibatches are
+        #: stratified by histology (set by :func:`spartha_pyro.train.fit`), else ``None``
+        self.strata: tuple[int, int] | None = None
         for program in (self.model, self.guide_full, self.guide_hist):
             to_pyro_module_(program)  # every submodule a PyroModule: needed by Pyro's JIT
         self.configure(n_spots, jit=False)
@@ -90,7 +94,34 @@ class SparthaModule(nn.Module):
         # JitTrace_ELBO keys its compiled function on id(model), id(guide): a bound method
         # made afresh at each call (``self.histology_model``) would be re-traced every step
         # (and every trace kept), so hold one bound method per program.
-        self._hist_programs = (self.histology_model, self.histology_guide)
+        self._full_programs = (self._stratified(self.model), self._stratified(self.guide_full))
+        self._hist_programs = (self._stratified(self.histology_model), self._stratified(self.histology_guide))
+
+    def stratum_scale(self, has_histology: torch.Tensor) -> torch.Tensor | float:
+        """Per-spot ELBO weight ``(B,)`` that keeps a minibatch stratified by histology unbiased.
+
+        The plate scales every spot of a minibatch of ``B`` by ``N / B``; a stratum of ``N_s``
+        spots with ``m_s`` of them in the minibatch must be scaled by ``N_s / m_s``, so each
+        spot gets ``(N_s / m_s) (B / N)`` (1 when the minibatch holds the strata in their data
+        proportions). ``1.0`` when :attr:`strata` is ``None`` (uniform minibatches).
+        """
+        if self.strata is None:
+            return 1.0
+        n_with, n_without = self.strata
+        b = has_histology.shape[0]
+        m_with = has_histology.sum()
+        weight = torch.where(has_histology, n_with / m_with.clamp(min=1), n_without / (b - m_with).clamp(min=1))
+        return weight * (b / (n_with + n_without))
+
+    def _stratified(self, program):
+        """``program`` with every site scaled by :meth:`stratum_scale` (computed inside the
+        program from the batch, so a JIT trace stays valid for every minibatch)."""
+
+        def run(*args):
+            with poutine.scale(scale=self.stratum_scale(Batch(*args).has_histology)):
+                return program(*args)
+
+        return run
 
     def histology_model(self, *args):
         """The model with every site masked to spots that have histology (``args``: a :class:`Batch`)."""
@@ -104,14 +135,14 @@ class SparthaModule(nn.Module):
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss_full, loss_hist)``: negative ELBOs per spot of both paths on a minibatch."""
-        loss_full = self._elbo_full.differentiable_loss(self.model, self.guide_full, *batch)
+        loss_full = self._elbo_full.differentiable_loss(*self._full_programs, *batch)
         loss_hist = self._elbo_hist.differentiable_loss(*self._hist_programs, *batch)
         return loss_full, loss_hist
 
     def histology_loss(self, batch: Batch) -> torch.Tensor:
         """The histology path's negative ELBO per spot, always eager (a traced ELBO is fixed to
         the training minibatch's shape)."""
-        return Trace_ELBO().differentiable_loss(*self._hist_programs, *batch)
+        return Trace_ELBO().differentiable_loss(self.histology_model, self.histology_guide, *batch)
 
     def latent_means(self, batch: Batch, sites: Sequence[str], encoder: str = "full") -> torch.Tensor:
         """Posterior means of ``sites``, concatenated ``(B, sum of widths)``, from the full guide

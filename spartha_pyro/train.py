@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, distributed
 from ._errors import InputError
 from .data import SpotArrays
-from .loaders import iterate_minibatches, make_loader, minibatch
+from .loaders import iterate_minibatches, make_loader, minibatch, stratified_minibatches
 from .module import SparthaModule
 
 
@@ -45,7 +45,10 @@ class TrainConfig:
     :data:`MONITORS`. ``min_epochs``: early stopping neither stops before this many epochs nor
     chooses an earlier one (the histology path's held-out PCC can dip below zero for the first
     tens of epochs before it rises, and a spurious score of a barely trained model there must
-    not win; see :meth:`spartha_pyro.SPARTHA.train`).
+    not win; see :meth:`spartha_pyro.SPARTHA.train`). ``max_unimaged_share``: with spots
+    without histology among the training spots, an epoch is a pass over those with histology
+    and each minibatch gives at most this share to the others
+    (:func:`~spartha_pyro.loaders.stratified_minibatches`; 1.0: every spot once per epoch).
     """
 
     max_epochs: int = 100
@@ -68,6 +71,7 @@ class TrainConfig:
     precision: str = "32"
     monitor: str = "pcc"
     min_epochs: int = 0
+    max_unimaged_share: float = 0.5
 
 
 #: what early stopping watches on the validation spots: ``"pcc"`` the mean per-gene PCC of
@@ -160,6 +164,11 @@ def fit(
 ) -> list[dict]:
     """Train ``module`` in place; see :func:`_fit` (``jit=True`` for ``JitTrace_ELBO``).
 
+    With spots both with and without histology among ``train_idx`` (and
+    ``config.max_unimaged_share < 1``), minibatches are stratified by histology
+    (:func:`~spartha_pyro.loaders.stratified_minibatches`) and ``module.strata`` holds the two
+    strata's sizes for the duration of the run, so the loss scales each stratum to its size.
+
     Pyro's settings and param store are left as the caller had them. The module's parameters
     are module-local (``pyro.settings.context(module_local_params=True)`` around the loop):
     they never enter Pyro's global param store, so two models never share weights. Pyro's
@@ -168,17 +177,24 @@ def fit(
     caller's for the duration of the run and is dropped afterwards.
     """
     module.configure(module.model.n_spots, jit=jit)
+    has_histology = np.asarray(data.has_histology[train_idx], dtype=bool)
+    n_with = int(has_histology.sum())
+    stratified = 0 < n_with < len(train_idx) and config.max_unimaged_share < 1
+    module.strata = (n_with, len(train_idx) - n_with) if stratified else None
     args = (module, data, train_idx, val_idx, config, device)
     validation = contextlib.nullcontext() if config.validate is None else pyro.validation_enabled(config.validate)
-    with validation:
-        if not jit:
-            with pyro.settings.context(module_local_params=True):
-                return _fit(*args)
-        with pyro.settings.context(module_local_params=False), pyro.get_param_store().scope():
-            try:
-                return _fit(*args, drop_last=True)
-            finally:
-                module.configure(module.model.n_spots, jit=False)
+    try:
+        with validation:
+            if not jit:
+                with pyro.settings.context(module_local_params=True):
+                    return _fit(*args)
+            with pyro.settings.context(module_local_params=False), pyro.get_param_store().scope():
+                try:
+                    return _fit(*args, drop_last=True)
+                finally:
+                    module.configure(module.model.n_spots, jit=False)
+    finally:
+        module.strata = None
 
 
 def _fit(
@@ -247,7 +263,9 @@ def _fit(
     for epoch in bar:
         sums = torch.zeros(2, device=device)
         n_seen = 0
-        order = list(iterate_minibatches(len(train_idx), config.batch_size, rng, drop_last))
+        order = stratified_minibatches(
+            data.has_histology[train_idx], config.batch_size, rng, drop_last, config.max_unimaged_share
+        )
         if len(order) < n_ranks:
             raise ValueError(f"{len(order)} minibatches per epoch cannot feed {n_ranks} ranks; lower batch_size")
         for batch in loader.batches(train_idx[b] for b in distributed.shard(order, rank, n_ranks)):
@@ -345,6 +363,29 @@ def selection_summary(history: list[dict], monitor: str, held_out: str | None, r
         "val_loss_histology": rec["val_loss_histology"],
         "message": f"early stopping on {held_out or 'the validation spots'} chose {best + 1} of "
         f"{len(history)} epochs ({score}){then}",
+    }
+
+
+def unimaged_summary(runs: dict, choice: str, n_unimaged: int, monitor: str, setting: str) -> dict:
+    """Whether the training spots without histology were used, and why.
+
+    ``runs``: ``{"use" | "ignore": (module, history, selection_summary)}`` of the validation
+    stage(s) run; ``choice``: the one kept. Returns ``{"used", "n_spots", "setting",
+    "scores": {option: validation score}, "message"}`` (JSON-serialisable).
+    """
+    key = "val_pcc_gene" if monitor == "pcc" else "val_loss_histology"
+    scores = {o: run[2][key] for o, run in runs.items()}
+    if len(runs) > 1:
+        what = "validation per-gene PCC" if monitor == "pcc" else "validation loss"
+        why = f"{what} {scores['use']:.4f} with them vs {scores['ignore']:.4f} without"
+    else:
+        why = f"unimaged={setting!r}"
+    return {
+        "used": choice == "use",
+        "n_spots": int(n_unimaged),
+        "setting": setting,
+        "scores": scores,
+        "message": f"the {n_unimaged} training spots without histology were {'used' if choice == 'use' else 'left out'} ({why})",
     }
 
 

@@ -164,7 +164,7 @@ def test_refit_announced_and_refused_before_the_data_load(pipeline: Path, monkey
     history = sp.SPARTHA.load(d / "refit").history
     chosen = sum(h["stage"] == "refit" for h in history)
     assert (f"early stopping chose {chosen} epochs (of {len(history) - chosen} run with validation); "
-            f"refit on all spots for {chosen} epochs") in out
+            f"refit on all training spots for {chosen} epochs") in out
     assert not re.search(r"trained \d+ epochs", out)
 
     def no_load(*args, **kwargs):

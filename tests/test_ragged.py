@@ -9,7 +9,7 @@ import torch
 from pyro import poutine
 
 import spartha_pyro as sp
-from spartha_pyro.loaders import minibatch
+from spartha_pyro.loaders import iterate_minibatches, minibatch, stratified_minibatches
 from conftest import SMALL
 from test_model import histology_only, probe
 
@@ -285,3 +285,84 @@ def test_gene_mask_errors(sim):
     bad.varm["measured"].iloc[int(np.asarray(combined.X[first].sum(0)).argmax()), 0] = False  # it has counts there
     with pytest.raises(sp.InputError, match="have counts in genes their batch did not measure.*mask is wrong"):
         sp.SPARTHA(bad, batch_key="slide", gene_mask_key="measured", **kw)
+
+
+def test_stratified_minibatches_pass_once_over_imaged_spots():
+    rng = np.random.default_rng(0)
+    has_h = np.zeros(1100, bool)
+    has_h[rng.choice(1100, 100, replace=False)] = True
+    order = stratified_minibatches(has_h, 64, rng, False, 0.5)
+    imaged = np.concatenate([b[has_h[b]] for b in order])
+    np.testing.assert_array_equal(np.sort(imaged), np.flatnonzero(has_h))  # each imaged spot once
+    assert len(order) == 4 and all((~has_h[b]).sum() <= 32 and len(np.unique(b)) == len(b) for b in order)
+    # few count-only spots: their own share, not the cap
+    few = np.r_[np.ones(90, bool), np.zeros(10, bool)]
+    assert all(1 <= (~few[b]).sum() <= 3 for b in stratified_minibatches(few, 25, rng, False, 0.5))
+    # one stratum, or no cap: the plain shuffled pass over every spot, drawn the same way
+    for mask, share in ((np.ones(50, bool), 0.5), (has_h, 1.0)):
+        a = stratified_minibatches(mask, 16, np.random.default_rng(3), False, share)
+        b = list(iterate_minibatches(len(mask), 16, np.random.default_rng(3), False))
+        assert all(np.array_equal(x, y) for x, y in zip(a, b)) and len(a) == len(b)
+
+
+def test_stratum_scale_weights_each_stratum_to_its_size(sim):
+    model = sp.SPARTHA(sim, label_keys=["cell_type"], batch_key="slide", **SMALL)
+    module = model.module
+    has_h = torch.tensor([True] * 48 + [False] * 16)
+    assert module.stratum_scale(has_h) == 1.0  # uniform minibatches: no reweighting
+    module.strata = (100, 1000)
+    w = module.stratum_scale(has_h)
+    # per spot the plate scales by N / B; with w the strata sum to N_s / N of the per-spot loss
+    assert float(w[has_h].sum() / 64) == pytest.approx(100 / 1100)
+    assert float(w[~has_h].sum() / 64) == pytest.approx(1000 / 1100)
+    module.strata = (48, 16)  # the data proportions: weight 1
+    np.testing.assert_allclose(module.stratum_scale(has_h).numpy(), 1.0, rtol=1e-6)
+
+
+def imaged_plus_count_only(sim, n_extra=2000):
+    """The first 100 spots of ``sim`` imaged, plus ``n_extra`` count-only spots (its rows recycled)."""
+    imaged = sim[:100].copy()
+    rows = np.arange(n_extra) % sim.n_obs
+    obs = sim.obs.iloc[rows].set_axis([f"c{i}" for i in range(n_extra)])
+    count_only = ad.AnnData(X=sim.X[rows], obs=obs, var=sim.var)
+    return sp.pp.combine_sections({"imaged": imaged, "counts": count_only}, batch_key="section")
+
+
+def test_count_only_spots_do_not_dilute_the_histology_path(sim, monkeypatch):
+    """Before stratified minibatches, 2,000 count-only spots made an epoch a pass over all
+    spots: 9 steps of 256 here, in which the 100 imaged spots met the histology path once.
+    Now an epoch is a pass over the imaged spots with count-only spots filling half of each
+    minibatch (and a JIT trace works with it)."""
+    combined = imaged_plus_count_only(sim)
+    for jit in (False, True):
+        model = sp.SPARTHA(combined, label_keys=["cell_type"], batch_key="section", **SMALL)
+        seen = []
+        loss = model.module.loss
+        monkeypatch.setattr(model.module, "loss", lambda batch: seen.append(batch.has_histology.clone()) or loss(batch))
+        history = model.train(max_epochs=2, batch_size=64, progress=False, seed=0, validation=None, jit=jit)
+        assert np.isfinite([h["loss"] for h in history]).all()
+        assert len(seen) == 2 * (4 if not jit else 3)  # ceil(100 / 32) steps per epoch (JIT drops the last)
+        assert all(int(s.sum()) <= 32 and int((~s).sum()) <= 32 for s in seen)
+        assert model.module.strata is None  # reset after training
+
+
+@pytest.mark.parametrize("setting", ["auto", "ignore", "use"])
+def test_count_only_spots_used_only_when_they_help_on_validation(sim, setting, capsys):
+    """``unimaged="auto"`` runs the validation stage with and without the count-only spots and
+    keeps the better; the refit trains on the chosen spots; ``"ignore"``/``"use"`` decide alone."""
+    combined = imaged_plus_count_only(sim, 300)
+    model = sp.SPARTHA(combined, label_keys=["cell_type"], batch_key="section", **SMALL)
+    model.train(max_epochs=3, min_epochs=1, batch_size=64, seed=0, unimaged=setting, progress=True)
+    chosen = model.selection["unimaged"]
+    assert chosen["n_spots"] == 300 and chosen["message"] in capsys.readouterr().out
+    validation = [h for h in model.history if h["stage"] == "validation"]
+    if setting == "auto":
+        assert {h["unimaged"] for h in validation} == {"use", "ignore"}
+        scores = chosen["scores"]
+        assert chosen["used"] == (scores["use"] > scores["ignore"])  # the higher validation PCC; a tie: left out
+    else:
+        assert "unimaged" not in validation[0] and chosen["used"] == (setting == "use")
+    n_refit = model.module.model.n_spots
+    assert n_refit == (combined.n_obs if chosen["used"] else 100)
+    with pytest.raises(sp.InputError, match="unimaged"):
+        model.train(max_epochs=1, unimaged="sometimes")
