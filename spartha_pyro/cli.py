@@ -24,6 +24,7 @@ import dataclasses
 import json
 import sys
 import tomllib
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -129,6 +130,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         patience=args.patience, device=args.device, seed=args.seed, jit=args.jit, progress=args.progress,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
         precision=args.precision, refit=args.refit, monitor=args.monitor, min_epochs=args.min_epochs,
+        unimaged=args.unimaged, max_unimaged_share=args.max_unimaged_share,
     )
     model.save(args.out, overwrite=args.overwrite)
     print(f"{_trained(history)} (final loss {history[-1]['loss']:.4f}); saved to {args.out}")
@@ -137,10 +139,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _trained(history: list[dict]) -> str:
     """What training did, e.g. "early stopping chose 23 epochs; refit on all spots for 23 epochs"."""
     refit = [h for h in history if h.get("stage") == "refit"]
-    if refit:
-        chosen = len(history) - len(refit)  # validation-stage epochs run
-        return (f"early stopping chose {len(refit)} epochs (of {chosen} run with validation); "
-                f"refit on all spots for {len(refit)} epochs")
+    if refit:  # validation-stage epochs run: one count per run (two when unimaged="auto" compared)
+        runs = Counter(h.get("unimaged") for h in history if h.get("stage") == "validation")
+        ran = " and ".join(str(n) for n in runs.values())
+        return (f"early stopping chose {len(refit)} epochs (of {ran} run with validation); "
+                f"refit on all training spots for {len(refit)} epochs")
     return f"trained {len(history)} epochs"  # early stopping, when it happened, was announced by the loop
 
 
@@ -190,11 +193,11 @@ def cmd_predict_image(args: argparse.Namespace) -> None:
         model, args.image, out=args.out, samples=args.samples, num_samples=args.num_samples, artifact=args.artifact,
         quantiles=args.quantiles, seed=args.seed, overwrite=args.overwrite, progress=args.progress,
         um_per_px=args.um_per_px, spacing_um=args.spacing_um, spot_um=args.spot_um, grid=args.grid,
-        tissue_mask=args.tissue_mask, min_tissue=args.min_tissue, library_id=args.library_id,
+        subdivide=args.subdivide, tissue_mask=args.tissue_mask, min_tissue=args.min_tissue, library_id=args.library_id,
         batch_size=args.batch_size, device=None if args.device == "auto" else args.device,
     )
     g = pred.uns["image_grid"]
-    print(f"{pred.n_obs} pseudo-spots ({g['grid']} grid, {g['spacing_um']:g} µm spacing) on {args.image} at "
+    print(f"{pred.n_obs} pseudo-spots ({g['grid']} grid, {g['pseudo_spot_spacing_um']:g} µm spacing) on {args.image} at "
           f"{g['um_per_px']:.4g} µm/px ({g['um_per_px_source']}; level {g['level']})")
     print(f"wrote {args.out}: X = predictive mean of log1p(counts per 10k); layers {list(pred.layers)}")
     if args.samples:
@@ -296,7 +299,8 @@ def _add_train(sub) -> None:
                    help="standardise histology per section (default; removes a slide's stain shift) or globally")
     _add_model_config(p.add_argument_group("model"))
     g = p.add_argument_group("training")
-    g.add_argument("--max-epochs", type=int, default=100, help="maximum passes over the spots")
+    g.add_argument("--max-epochs", type=int, default=100,
+                   help="maximum passes over the spots (over those with histology when some have none)")
     g.add_argument("--batch-size", type=int, default=256, help="spots per minibatch")
     g.add_argument("--lr", type=float, default=1e-3, help="ClippedAdam learning rate")
     g.add_argument("--validation", nargs="+", default=["auto"],
@@ -310,6 +314,12 @@ def _add_train(sub) -> None:
     g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                    help="after early stopping, retrain on every spot for the chosen epoch count "
                         "(default: on with --validation auto)")
+    g.add_argument("--unimaged", default="auto", choices=["auto", "use", "ignore"],
+                   help="spots without histology (count-only sections): used only if they improve the validation "
+                        "score (auto, default; the validation stage runs both ways), always, or never")
+    g.add_argument("--max-unimaged-share", type=float, default=0.5,
+                   help="most of each minibatch given to spots without histology (an epoch is a pass over the imaged "
+                        "spots); 1: every spot once per epoch")
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1…")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, minibatches and sampling")
     g.add_argument("--jit", action="store_true", help="JitTrace_ELBO (full minibatches only)")
@@ -391,6 +401,8 @@ def _add_predict_image(sub) -> None:
     g.add_argument("--spacing-um", type=float, help="spot centre-to-centre spacing in µm (default: training platform)")
     g.add_argument("--spot-um", type=float, help="spot diameter in µm (default: training platform)")
     g.add_argument("--grid", choices=["square", "hex"], help="square (legacy ST) or hex (Visium); default: training")
+    g.add_argument("--subdivide", type=int, default=1, help="pseudo-spots every spacing/K (a K²-times denser map of "
+                   "training-size patches; neighbour context still one spacing away); default 1")
     g.add_argument("--tissue-mask", help="mask image (non-zero = tissue, any size) instead of tissue detection")
     g.add_argument("--min-tissue", type=float, default=0.5, help="keep spots whose area is at least this tissue fraction")
     g.add_argument("--library-id", help="key of uns['spatial'] (default the image file name)")

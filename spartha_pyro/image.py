@@ -322,6 +322,34 @@ def spot_grid(width: float, height: float, spacing: float, kind: str = "square")
     return np.stack([x[inside], y[inside]], axis=1), np.stack([r[inside], c[inside]], axis=1).astype(np.int64)
 
 
+def lattice_neighbor_mean(xy: np.ndarray, features: np.ndarray, spacing: float, kind: str = "square") -> np.ndarray:
+    """Mean feature vector of the pseudo-spots one training ``spacing`` away along the grid's
+    lattice directions (4 on a square grid, 6 on a hex grid), found among ``xy`` (a grid refined
+    by an integer factor contains those points) within a quarter of the finest spacing. A
+    pseudo-spot with none of them (off the tissue) keeps its own vector, as in
+    :func:`spartha_pyro.pp.features.neighbor_mean`, which this equals on an unrefined grid.
+
+    ``xy`` ``(n, 2)`` px, ``features`` ``(n, d)``; returns ``(n, d)``.
+    """
+    from scipy.spatial import cKDTree
+
+    angles = np.arange(6) * np.pi / 3 if kind == "hex" else np.arange(4) * np.pi / 2
+    offsets = spacing * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    tree = cKDTree(xy)
+    finest = np.median(tree.query(xy, k=2)[0][:, 1]) if len(xy) > 1 else spacing
+    total = np.zeros_like(features, dtype=np.float64)
+    count = np.zeros(len(xy))
+    for off in offsets:
+        dist, idx = tree.query(xy + off, distance_upper_bound=0.25 * finest)
+        hit = np.isfinite(dist)
+        total[hit] += features[idx[hit]]
+        count += hit
+    out = features.astype(np.float64).copy()
+    some = count > 0
+    out[some] = total[some] / count[some, None]
+    return out.astype(features.dtype)
+
+
 def _tissue_under_spots(mask: np.ndarray, scale: float, xy: np.ndarray, spot_px: float) -> np.ndarray:
     """Fraction of tissue in each spot's square of side ``spot_px`` (full-res px), read from ``mask``."""
     from scipy import ndimage
@@ -409,6 +437,7 @@ def image_features(
     spacing_um: float | None = None,
     spot_um: float | None = None,
     grid: str | None = None,
+    subdivide: int = 1,
     tissue_mask: str | os.PathLike | np.ndarray | None = None,
     min_tissue: float = 0.5,
     library_id: str | None = None,
@@ -434,6 +463,11 @@ def image_features(
     spacing_um, spot_um, grid
         Spot spacing (centre to centre) and diameter in µm and grid kind (``"square"``:
         legacy ST, ``"hex"``: Visium); default the recipe's training platform.
+    subdivide
+        Pseudo-spots every ``spacing_um / subdivide`` (the same grid kind, refined): a map
+        ``subdivide²`` times denser, each pseudo-spot still a full training-size patch, and
+        grid-neighbour context (with a ``neighbors`` recipe) still taken from the pseudo-spots
+        one training spacing away, as in training. ``1`` (default): the training platform's grid.
     tissue_mask
         Mask image file (non-zero = tissue, any size with the image's aspect) or boolean array
         instead of :func:`detect_tissue`.
@@ -529,7 +563,10 @@ def image_features(
             raise InputError("the model's recipe has no spot spacing: give spacing_um (--spacing-um)")
         spot_um = spot_um or recipe.get("spot_diameter_um") or spacing_um / 2
         grid = grid or recipe.get("grid", "square")
+        if not (isinstance(subdivide, (int, np.integer)) and subdivide >= 1):
+            raise InputError(f"subdivide must be a positive integer, got {subdivide!r}")
         spacing_px, spot_px = spacing_um / um_per_px, spot_um / um_per_px
+        step_px = spacing_px / subdivide  # the pseudo-spots' own spacing
 
         thumb, scale = slide.thumbnail(thumbnail_px)
         if tissue_mask is None:
@@ -543,13 +580,13 @@ def image_features(
             mask = read_mask(tissue_mask, thumb.shape[:2])
             mask_source = str(tissue_mask)
         w0, h0 = slide.sizes[0]
-        xy, rowcol = spot_grid(w0, h0, spacing_px, grid)
+        xy, rowcol = spot_grid(w0, h0, step_px, grid)
         frac = _tissue_under_spots(mask, scale, xy, spot_px) if len(xy) else np.zeros(0)
         keep = frac >= min_tissue
         if not keep.any():
             raise InputError(
                 f"no tissue found in {slide.path.name} ({mask_source}: {mask.mean():.1%} of the low-resolution "
-                f"image is tissue; no {grid} grid spot of {spacing_um:g} µm spacing is ≥ {min_tissue:.0%} tissue); "
+                f"image is tissue; no {grid} grid spot of {spacing_um / subdivide:g} µm spacing is ≥ {min_tissue:.0%} tissue); "
                 "check the image or give --tissue-mask"
             )
         xy, rowcol, frac = xy[keep], rowcol[keep], frac[keep]
@@ -560,7 +597,7 @@ def image_features(
         patch_frac = np.empty(len(xy))
         with tqdm(total=len(xy), desc="image features", unit="spot", disable=not progress) as bar:
             for idx, patches in iter_grid_patches(slide, xy, rowcol, patch_side, out_size, level,
-                                                  spacing_px / slide.downsamples[level], batch_size):
+                                                  step_px / slide.downsamples[level], batch_size):
                 patch_frac[idx] = tissue_fraction(patches)
                 for name, run in runners.items():
                     f = run(patches)
@@ -577,7 +614,8 @@ def image_features(
         )
         out = AnnData(obs=obs, obsm={"spatial": xy.astype(np.float64)})
         if recipe.get("neighbors"):
-            X = np.concatenate([X, neighbor_mean(out, X, library_key="slide")], axis=1)
+            context = neighbor_mean(out, X, library_key="slide") if subdivide == 1 else lattice_neighbor_mean(xy, X, spacing_px, grid)
+            X = np.concatenate([X, context], axis=1)
         out.obsm[histology_key] = X.astype(np.float32)
         made = {
             **{k: v for k, v in recipe.items() if k not in ("versions", "n_features", "patch_um", "um_per_px",
@@ -611,7 +649,8 @@ def image_features(
         out.uns["image_grid"] = {
             "image": str(slide.path.resolve()), "size": [int(w0), int(h0)], "um_per_px": float(um_per_px),
             "um_per_px_source": source, "level": int(level), "level_um_per_px": float(level_mpp),
-            "patch_side_px": int(patch_side), "grid": grid, "spacing_um": float(spacing_um),
+            "patch_side_px": int(patch_side), "grid": grid, "spacing_um": float(spacing_um), "subdivide": int(subdivide),
+            "pseudo_spot_spacing_um": float(spacing_um / subdivide),
             "spot_um": float(spot_um), "tissue_mask": mask_source, "min_tissue": float(min_tissue),
             "tissue_area_fraction": float(mask.mean()), "seconds_features": round(time.perf_counter() - t0, 2),
         }

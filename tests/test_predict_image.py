@@ -20,7 +20,7 @@ from PIL import Image
 import spartha_pyro as sp
 from spartha_pyro import InputError
 from spartha_pyro.cli import BAD_INPUT, main
-from spartha_pyro.image import detect_tissue, image_features, open_image, predict_image, spot_grid
+from spartha_pyro.image import detect_tissue, image_features, lattice_neighbor_mean, open_image, predict_image, spot_grid
 from spartha_pyro.recipe import check_recipe, read_recipe
 
 UM_PER_PX, SPACING_PX, PATCH_PX = 2.0, 40, 32
@@ -222,6 +222,40 @@ def test_image_features_hex_grid_and_spacing(setup):
     xy = spots.obsm["spatial"]
     np.testing.assert_allclose(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1]), 50.0)
     assert spots.uns["histology"]["recipe"]["grid"] == "hex"
+
+
+@pytest.mark.parametrize("kind, second_moment", [("square", 0.5), ("hex", 0.5)])
+def test_lattice_neighbour_context_is_one_training_spacing_away(kind, second_moment):
+    """On a refined grid the context still averages the pseudo-spots one training spacing away:
+    for f = x² that mean is x² + s²/2 at spacing s (it would be x² + s²/8 at the refined step)."""
+    s = 40.0
+    for k in (1, 2, 3):
+        xy, _ = spot_grid(800, 800, s / k, kind)
+        f = np.stack([xy[:, 0], xy[:, 0] ** 2], axis=1)
+        ctx = lattice_neighbor_mean(xy, f, s, kind)
+        interior = (np.abs(xy - 400) < 300).all(1)
+        np.testing.assert_allclose(ctx[interior, 0], xy[interior, 0], rtol=1e-9)
+        np.testing.assert_allclose(ctx[interior, 1] - xy[interior, 0] ** 2, second_moment * s**2, rtol=1e-6)
+        if k == 1:  # the training grid: the same as the training features' neighbour means
+            a = ad.AnnData(obs=pd.DataFrame({"slide": "s"}, index=[str(i) for i in range(len(xy))]), obsm={"spatial": xy})
+            np.testing.assert_allclose(ctx, sp.pp.features.neighbor_mean(a, f), rtol=1e-9)
+
+
+def test_subdivided_grid_is_denser_with_training_size_patches(setup):
+    d, _, model = setup
+    recipe = model.registry.histology_recipe
+    base = image_features(d / "slide.png", recipe, um_per_px=2.0, progress=False)
+    fine = image_features(d / "slide.png", recipe, um_per_px=2.0, subdivide=2, progress=False)
+    from scipy.spatial import cKDTree
+
+    xy = fine.obsm["spatial"]
+    np.testing.assert_allclose(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1]), SPACING_PX / 2)
+    assert 3 * base.n_obs <= fine.n_obs <= 5 * base.n_obs
+    g = fine.uns["image_grid"]
+    assert g["subdivide"] == 2 and g["pseudo_spot_spacing_um"] == pytest.approx(g["spacing_um"] / 2)
+    assert g["patch_side_px"] == base.uns["image_grid"]["patch_side_px"]
+    with pytest.raises(InputError, match="subdivide"):
+        image_features(d / "slide.png", recipe, um_per_px=2.0, subdivide=0, progress=False)
 
 
 # ---------------------------------------------------------------------------- bad input
