@@ -593,8 +593,15 @@ def run_method(method, train, test, panels, args, seed, validation, extra=None):
 
 
 def chosen(model: sp.SPARTHA) -> dict[str, float]:
-    """What early stopping chose: ``{"epochs", "val_pcc_gene"}`` (empty without validation)."""
-    return {k: float(v) for k, v in (model.selection or {}).items() if k in ("epochs", "val_pcc_gene") and v is not None}
+    """What the validation stage chose: ``epochs`` and ``val_pcc_gene``, and with spots without
+    histology ``unimaged_used`` (1/0) and their validation scores ``unimaged_score_use`` /
+    ``unimaged_score_ignore`` (empty without validation)."""
+    selection = model.selection or {}
+    out = {k: float(v) for k, v in selection.items() if k in ("epochs", "val_pcc_gene") and v is not None}
+    if "unimaged" in selection:
+        out["unimaged_used"] = float(selection["unimaged"]["used"])
+        out.update({f"unimaged_score_{k}": float(v) for k, v in selection["unimaged"]["scores"].items()})
+    return out
 
 
 def qc_reference(method: str, train: AnnData, test: AnnData, panels, args, seed: int) -> tuple[list[str], xr.DataArray]:
