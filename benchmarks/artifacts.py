@@ -390,8 +390,7 @@ def predict_rows(method: str, train: AnnData, test_hist: AnnData, panels: dict, 
     for row, artifact in modes.items():
         pred, genes, first, _ = bench.posterior_predictive(model, test_hist, artifact, bargs, seed)
         rows[row] = (pred, genes, first)
-    chosen = {k: float(v) for k, v in (model.selection or {}).items() if k in ("epochs", "val_pcc_gene") and v is not None}
-    return rows, bench.probe(model, seed) if method == "spartha" else None, chosen
+    return rows, bench.probe(model, seed) if method == "spartha" else None, bench.chosen(model)
 
 
 def reference_counts(row: str, train: AnnData, test: AnnData, panels: dict, seed: int, n: int) -> tuple[list[str], np.ndarray]:

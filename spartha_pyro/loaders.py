@@ -58,6 +58,16 @@ def iterate_minibatches(n: int, batch_size: int, rng: np.random.Generator | None
         yield np.sort(order[start : start + batch_size])
 
 
+def histology_strata(has_histology: np.ndarray, max_unimaged_share: float) -> tuple[int, int] | None:
+    """``(spots with histology, spots without)`` when minibatches are stratified by histology
+    (both kinds present and ``max_unimaged_share < 1``), else ``None``. The one test that
+    :func:`stratified_minibatches` and the loss's stratum weights share."""
+    n_with = int(np.count_nonzero(has_histology))
+    if 0 < n_with < len(has_histology) and max_unimaged_share < 1:
+        return n_with, len(has_histology) - n_with
+    return None
+
+
 def stratified_minibatches(
     has_histology: np.ndarray, batch_size: int, rng: np.random.Generator, drop_last: bool, max_unimaged_share: float
 ) -> list[np.ndarray]:
@@ -75,9 +85,9 @@ def stratified_minibatches(
     ``max_unimaged_share >= 1``, this is :func:`iterate_minibatches` over every spot.
     """
     has_histology = np.asarray(has_histology, dtype=bool)
-    with_h, without = np.flatnonzero(has_histology), np.flatnonzero(~has_histology)
-    if not len(with_h) or not len(without) or max_unimaged_share >= 1:
+    if histology_strata(has_histology, max_unimaged_share) is None:
         return list(iterate_minibatches(len(has_histology), batch_size, rng, drop_last))
+    with_h, without = np.flatnonzero(has_histology), np.flatnonzero(~has_histology)
     if batch_size < 2:
         raise ValueError("stratified minibatches need batch_size >= 2")
     share = min(len(without) / len(has_histology), max_unimaged_share)

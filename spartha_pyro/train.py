@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, distributed
 from ._errors import InputError
 from .data import SpotArrays
-from .loaders import iterate_minibatches, make_loader, minibatch, stratified_minibatches
+from .loaders import histology_strata, iterate_minibatches, make_loader, minibatch, stratified_minibatches
 from .module import SparthaModule
 
 
@@ -177,10 +177,7 @@ def fit(
     caller's for the duration of the run and is dropped afterwards.
     """
     module.configure(module.model.n_spots, jit=jit)
-    has_histology = np.asarray(data.has_histology[train_idx], dtype=bool)
-    n_with = int(has_histology.sum())
-    stratified = 0 < n_with < len(train_idx) and config.max_unimaged_share < 1
-    module.strata = (n_with, len(train_idx) - n_with) if stratified else None
+    module.strata = histology_strata(np.asarray(data.has_histology[train_idx], dtype=bool), config.max_unimaged_share)
     args = (module, data, train_idx, val_idx, config, device)
     validation = contextlib.nullcontext() if config.validate is None else pyro.validation_enabled(config.validate)
     try:
@@ -260,12 +257,11 @@ def _fit(
     bar = tqdm(range(start, config.max_epochs), desc="SPARTHA", unit="epoch", disable=not config.progress, initial=start,
                total=config.max_epochs)  # a resumed run shows epoch start of max_epochs, not of max_epochs - start
     stopped = False
+    has_histology = np.asarray(data.has_histology[train_idx], dtype=bool)
     for epoch in bar:
         sums = torch.zeros(2, device=device)
         n_seen = 0
-        order = stratified_minibatches(
-            data.has_histology[train_idx], config.batch_size, rng, drop_last, config.max_unimaged_share
-        )
+        order = stratified_minibatches(has_histology, config.batch_size, rng, drop_last, config.max_unimaged_share)
         if len(order) < n_ranks:
             raise ValueError(f"{len(order)} minibatches per epoch cannot feed {n_ranks} ranks; lower batch_size")
         for batch in loader.batches(train_idx[b] for b in distributed.shard(order, rank, n_ranks)):
