@@ -114,13 +114,12 @@ class SPARTHA:
             label_keys = [label_keys]
         if artifact_latent and qc_key is None:
             raise InputError("artifact_latent=True needs qc_key (run sp.pp.annotate_qc first)")
-        self.registry, self._data = setup_anndata(
-            adata, histology_key, [] if auto else list(label_keys), batch_key, qc_key if artifact_latent else None,
+        self._init_seed = seed
+        self._setup_args = (
+            histology_key, "auto" if auto else list(label_keys), batch_key, qc_key if artifact_latent else None,
             layer, counts_key, gene_mask_key, histology_scaling,
         )
-        self.auto_labels = self._auto_labels(adata, layer, counts_key, seed) if auto else None
-        self.adata = adata
-        self._init_seed = seed
+        self._register(adata)
         self.module = self._initial_module()
         self.history: list[dict] = []
         #: what ``train(validation=...)`` chose (epochs, held-out spots, scores); ``None`` before
@@ -129,6 +128,17 @@ class SPARTHA:
         self.is_trained = False
 
     # ------------------------------------------------------------------ building
+    def _register(self, adata: AnnData) -> None:
+        """Make ``adata`` the training AnnData: validate it into ``self.registry`` and
+        ``self._data`` and, with ``label_keys="auto"``, cluster its spots into a label set."""
+        histology_key, label_keys, batch_key, qc_key, layer, counts_key, gene_mask_key, scaling = self._setup_args
+        auto = label_keys == "auto"
+        self.registry, self._data = setup_anndata(
+            adata, histology_key, [] if auto else label_keys, batch_key, qc_key, layer, counts_key, gene_mask_key, scaling,
+        )
+        self.auto_labels = self._auto_labels(adata, layer, counts_key, self._init_seed) if auto else None
+        self.adata = adata
+
     def _auto_labels(self, adata, layer, counts_key, seed) -> dict | None:
         """``label_keys="auto"`` on validated data: cluster the spots with counts by expression,
         add the label set to the registry and the arrays; returns what was chosen (``None``: too few spots)."""
@@ -291,7 +301,10 @@ class SPARTHA:
             ``"ignore"``, or ``"auto"`` (default): with validation, the validation stage is run
             both ways and they are used only if the histology path then predicts the validation
             spots better (``monitor``); the refit follows that choice, and ``self.selection
-            ["unimaged"]`` records both scores (printed). Without validation, or with
+            ["unimaged"]`` records both scores (printed). Left out, they leave no trace: the
+            model is the one the spots with histology alone would give (batch and label
+            categories and ``label_keys="auto"`` clusters re-derived from those spots), and
+            ``self.adata`` becomes a copy holding only them. Without validation, or with
             checkpoints, ``"auto"`` uses them. Adding count-only sections is not free: on her2st
             they can lower held-out accuracy (``benchmarks/README.md``).
 
@@ -336,16 +349,27 @@ class SPARTHA:
             options = ["ignore"]
         elif n_unimaged and unimaged == "auto" and val_idx is not None and checkpoint_dir is None:
             options = ["ignore", "use"]
+        worlds = {"use": (self.adata, self.registry, self._data, self.auto_labels, train_idx, val_idx)}
+        if "ignore" in options:
+            try:
+                worlds["ignore"] = self._imaged_world(imaged, train_idx, val_idx)
+            except InputError as err:
+                if unimaged == "ignore":
+                    raise InputError(f"unimaged='ignore': the spots with histology alone cannot be trained on: {err}") from None
+                warnings.warn(f"unimaged='auto': the spots without histology are used, those with it alone "
+                              f"cannot be trained on: {err}", stacklevel=2)
+                options = ["use"]
         runs = {}
         for k, option in enumerate(options):
-            if k:
+            self.adata, self.registry, self._data, self.auto_labels, idx, val = worlds[option]
+            if k or option == "ignore":
                 self.module = self._initial_module()
-            idx = train_idx if option == "use" else train_idx[imaged[train_idx]]
             self.module.configure(n_spots=len(idx), jit=False)
-            history = fit(self.module, self._data, idx, val_idx, config, self.device, jit=jit)
-            selection = selection_summary(history, monitor, self._held_out, refit, config.min_epochs) if val_idx is not None else None
+            history = fit(self.module, self._data, idx, val, config, self.device, jit=jit)
+            selection = selection_summary(history, monitor, self._held_out, refit, config.min_epochs) if val is not None else None
             runs[option] = (self.module, history, selection)
         choice = min(options, key=lambda o: monitored(runs[o][1][runs[o][2]["epochs"] - 1], monitor)) if len(options) > 1 else options[0]
+        self.adata, self.registry, self._data, self.auto_labels = worlds[choice][:4]
         self.module, history = runs[choice][:2]
         if val_idx is not None:
             self.selection = runs[choice][2]
@@ -359,17 +383,30 @@ class SPARTHA:
         if refit:
             best = self.selection["epochs"]
             self.module = self._initial_module()
-            every = np.arange(self._data.n) if choice == "use" else np.flatnonzero(imaged)
-            self.module.configure(n_spots=len(every), jit=False)
+            self.module.configure(n_spots=self._data.n, jit=False)
             config.max_epochs, config.patience = best, None
             history = [{**h, "stage": "validation"} for h in history]
             history += [
                 {**h, "stage": "refit"}
-                for h in fit(self.module, self._data, every, None, config, self.device, jit=jit)
+                for h in fit(self.module, self._data, np.arange(self._data.n), None, config, self.device, jit=jit)
             ]
         self.history += history
         self.is_trained = True
         return self.history
+
+    def _imaged_world(self, imaged: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray | None) -> tuple:
+        """``unimaged="ignore"``: the model the spots with histology alone would give. Returns
+        ``(adata, registry, data, auto_labels, train_idx, val_idx)`` for a copy of the training
+        AnnData restricted to them (categories, class counts and automatic labels re-derived
+        from those spots only; indices remapped), leaving ``self`` as it was."""
+        full = self.adata, self.registry, self._data, self.auto_labels
+        position = np.cumsum(imaged) - 1
+        try:
+            self._register(self.adata[imaged].copy())
+            return (self.adata, self.registry, self._data, self.auto_labels, position[train_idx[imaged[train_idx]]],
+                    None if val_idx is None else position[val_idx[imaged[val_idx]]])
+        finally:
+            self.adata, self.registry, self._data, self.auto_labels = full
 
     def _split(self, validation, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
         n = self._data.n
