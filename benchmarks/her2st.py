@@ -595,12 +595,16 @@ def run_method(method, train, test, panels, args, seed, validation, extra=None):
 def chosen(model: sp.SPARTHA) -> dict[str, float]:
     """What the validation stage chose: ``epochs`` and ``val_pcc_gene``, and with spots without
     histology ``unimaged_used`` (1/0) and their validation scores ``unimaged_score_use`` /
-    ``unimaged_score_ignore`` (empty without validation)."""
+    ``unimaged_score_ignore``, with several label sets ``label_sets_left_out`` (how many) and
+    ``label_sets_score_<a+b>`` per combination tried (empty without validation)."""
     selection = model.selection or {}
     out = {k: float(v) for k, v in selection.items() if k in ("epochs", "val_pcc_gene") and v is not None}
     if "unimaged" in selection:
         out["unimaged_used"] = float(selection["unimaged"]["used"])
         out.update({f"unimaged_score_{k}": float(v) for k, v in selection["unimaged"]["scores"].items()})
+    if "label_sets" in selection:
+        out["label_sets_left_out"] = float(len(selection["label_sets"]["left_out"]))
+        out.update({f"label_sets_score_{k}": float(v) for k, v in selection["label_sets"]["scores"].items()})
     return out
 
 

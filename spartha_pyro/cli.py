@@ -130,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         patience=args.patience, device=args.device, seed=args.seed, jit=args.jit, progress=args.progress,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
         precision=args.precision, refit=args.refit, monitor=args.monitor, min_epochs=args.min_epochs,
-        unimaged=args.unimaged, max_unimaged_share=args.max_unimaged_share,
+        unimaged=args.unimaged, max_unimaged_share=args.max_unimaged_share, label_sets=args.label_sets,
     )
     model.save(args.out, overwrite=args.overwrite)
     print(f"{_trained(history)} (final loss {history[-1]['loss']:.4f}); saved to {args.out}")
@@ -139,8 +139,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _trained(history: list[dict]) -> str:
     """What training did, e.g. "early stopping chose 23 epochs; refit on all spots for 23 epochs"."""
     refit = [h for h in history if h.get("stage") == "refit"]
-    if refit:  # validation-stage epochs run: one count per run (two when unimaged="auto" compared)
-        runs = Counter(h.get("unimaged") for h in history if h.get("stage") == "validation")
+    if refit:  # validation-stage epochs run: one count per run (unimaged / label sets compared: several)
+        runs = Counter((h.get("unimaged"), h.get("label_sets")) for h in history if h.get("stage") == "validation")
         ran = " and ".join(str(n) for n in runs.values())
         return (f"early stopping chose {len(refit)} epochs (of {ran} run with validation); "
                 f"refit on all training spots for {len(refit)} epochs")
@@ -317,6 +317,9 @@ def _add_train(sub) -> None:
     g.add_argument("--unimaged", default="auto", choices=["auto", "use", "ignore"],
                    help="spots without histology (count-only sections): used only if they improve the validation "
                         "score (auto, default; the validation stage runs both ways), always, or never")
+    g.add_argument("--label-sets", default="auto", choices=["auto", "all"],
+                   help="with two or more --label-keys: leave out those whose absence validates at least as well "
+                        "(auto, default; backward elimination, one validation stage per label set and round), or keep all")
     g.add_argument("--max-unimaged-share", type=float, default=0.5,
                    help="most of each minibatch given to spots without histology (an epoch is a pass over the imaged "
                         "spots); 1: every spot once per epoch")

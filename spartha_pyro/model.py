@@ -22,7 +22,9 @@ from .data import QC_CODES, Registry, SpotArrays, add_label_set, class_counts, e
 from .loaders import iterate_minibatches, minibatch
 from .module import SparthaModule
 from .recipe import check_recipe, read_recipe
-from .train import TrainConfig, fit, monitored, resolve_device, selection_summary, unimaged_summary
+from .train import (
+    TrainConfig, fit, label_sets_summary, monitored, resolve_device, selection_summary, unimaged_summary,
+)
 
 FORMAT_VERSION = 1
 LATENTS = ("y", "d", "r", "x")
@@ -215,6 +217,7 @@ class SPARTHA:
         min_epochs: int | None = None,
         max_unimaged_share: float = 0.5,
         unimaged: str = "auto",
+        label_sets: str = "auto",
     ) -> list[dict]:
         """Fit by minibatch SVI (ClippedAdam) on the training AnnData.
 
@@ -307,6 +310,13 @@ class SPARTHA:
             ``self.adata`` becomes a copy holding only them. Without validation, or with
             checkpoints, ``"auto"`` uses them. Adding count-only sections is not free: on her2st
             they can lower held-out accuracy (``benchmarks/README.md``).
+        label_sets
+            With two or more ``label_keys``: ``"auto"`` (default) leaves out, by backward
+            elimination on the validation stage, every label set whose absence predicts the
+            validation spots at least as well (``monitor``; a tie leaves it out), then refits
+            with the rest; ``self.selection["label_sets"]`` records each combination's score
+            (printed). A left-out label set leaves no trace (the model is the one built without
+            it). Costs one validation stage per label set and round. ``"all"``: keep every one.
 
         Under ``torch.distributed`` (e.g. ``torchrun`` + ``init_process_group``) every rank
         trains on a disjoint shard of the minibatches with averaged gradients; see
@@ -320,6 +330,8 @@ class SPARTHA:
             raise InputError("max_epochs and batch_size must be positive")
         if unimaged not in ("auto", "use", "ignore"):
             raise InputError(f"unimaged must be 'auto', 'use' or 'ignore', got {unimaged!r}")
+        if label_sets not in ("auto", "all"):
+            raise InputError(f"label_sets must be 'auto' or 'all', got {label_sets!r}")
         if not 0 < max_unimaged_share <= 1:
             raise InputError(f"max_unimaged_share must be in (0, 1], got {max_unimaged_share}")
         if self._data is None:
@@ -349,42 +361,55 @@ class SPARTHA:
             options = ["ignore"]
         elif n_unimaged and unimaged == "auto" and val_idx is not None and checkpoint_dir is None:
             options = ["ignore", "use"]
-        worlds = {"use": (self.adata, self.registry, self._data, self.auto_labels, train_idx, val_idx)}
+        worlds = {"use": self._world(train_idx=train_idx, val_idx=val_idx)}
         if "ignore" in options:
             try:
-                worlds["ignore"] = self._imaged_world(imaged, train_idx, val_idx)
+                worlds["ignore"] = self._world(imaged, train_idx=train_idx, val_idx=val_idx)
             except InputError as err:
                 if unimaged == "ignore":
                     raise InputError(f"unimaged='ignore': the spots with histology alone cannot be trained on: {err}") from None
                 warnings.warn(f"unimaged='auto': the spots without histology are used, those with it alone "
                               f"cannot be trained on: {err}", stacklevel=2)
                 options = ["use"]
-        runs = {}
-        for k, option in enumerate(options):
-            self.adata, self.registry, self._data, self.auto_labels, idx, val = worlds[option]
-            if k or option == "ignore":
-                self.module = self._initial_module()
-            self.module.configure(n_spots=len(idx), jit=False)
-            history = fit(self.module, self._data, idx, val, config, self.device, jit=jit)
-            selection = selection_summary(history, monitor, self._held_out, refit, config.min_epochs) if val is not None else None
-            runs[option] = (self.module, history, selection)
-        choice = min(options, key=lambda o: monitored(runs[o][1][runs[o][2]["epochs"] - 1], monitor)) if len(options) > 1 else options[0]
-        self.adata, self.registry, self._data, self.auto_labels = worlds[choice][:4]
-        self.module, history = runs[choice][:2]
+        stage = lambda world, fresh: self._validation_stage(world, config, jit, refit, fresh)
+        value = lambda run: run[2]["val_pcc_gene" if monitor == "pcc" else "val_loss_histology"]
+        score = lambda run: monitored(run[1][run[2]["epochs"] - 1], monitor) if run[2] else 0.0  # lower is better
+        runs = {o: stage(worlds[o], k > 0 or o == "ignore") for k, o in enumerate(options)}
+        choice = min(options, key=lambda o: score(runs[o]))  # a tie: the first
+        world, best = worlds[choice], runs[choice]
+        history = best[1] if len(options) == 1 else [{**h, "unimaged": o} for o in options for h in runs[o][1]]
+        given = [] if world["setup"][1] == "auto" else list(world["registry"].label_keys)
+        keys, label_scores = given, None
+        if label_sets == "auto" and len(given) >= 2 and val_idx is not None and checkpoint_dir is None:
+            label_scores = {"+".join(keys): value(best)}
+            while len(keys) >= 2:  # backward elimination: leave out the label set whose absence validates best
+                tried = {}
+                for key in keys:
+                    fewer = [k for k in keys if k != key]
+                    candidate = self._world(labels=fewer, base=world)
+                    tried[key] = (candidate, fewer, stage(candidate, True))
+                    label_scores["+".join(fewer)] = value(tried[key][2])
+                    history = history + [{**h, "label_sets": "+".join(fewer)} for h in tried[key][2][1]]
+                drop = min(tried, key=lambda k: score(tried[k][2]))
+                if score(tried[drop][2]) > score(best):  # a tie: fewer label sets
+                    break
+                world, keys, best = tried[drop]
+        self._set_world(world)
+        self.module = best[0]
         if val_idx is not None:
-            self.selection = runs[choice][2]
-        if len(options) > 1:
-            history = [{**h, "unimaged": o} for o in options for h in runs[o][1]]
+            self.selection = best[2]
         if n_unimaged and val_idx is not None:
             self.selection["unimaged"] = unimaged_summary(runs, choice, n_unimaged, monitor, unimaged)
             self.selection["message"] += "; " + self.selection["unimaged"]["message"]
+        if label_scores is not None:
+            self.selection["label_sets"] = label_sets_summary(given, keys, label_scores, monitor)
+            self.selection["message"] += "; " + self.selection["label_sets"]["message"]
         if val_idx is not None and progress:
             print(self.selection["message"])
         if refit:
-            best = self.selection["epochs"]
             self.module = self._initial_module()
             self.module.configure(n_spots=self._data.n, jit=False)
-            config.max_epochs, config.patience = best, None
+            config.max_epochs, config.patience = self.selection["epochs"], None
             history = [{**h, "stage": "validation"} for h in history]
             history += [
                 {**h, "stage": "refit"}
@@ -394,19 +419,54 @@ class SPARTHA:
         self.is_trained = True
         return self.history
 
-    def _imaged_world(self, imaged: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray | None) -> tuple:
-        """``unimaged="ignore"``: the model the spots with histology alone would give. Returns
-        ``(adata, registry, data, auto_labels, train_idx, val_idx)`` for a copy of the training
-        AnnData restricted to them (categories, class counts and automatic labels re-derived
-        from those spots only; indices remapped), leaving ``self`` as it was."""
-        full = self.adata, self.registry, self._data, self.auto_labels
-        position = np.cumsum(imaged) - 1
+    def _validation_stage(self, world: dict, config: TrainConfig, jit: bool, refit: bool, fresh: bool) -> tuple:
+        """Train in ``world`` (see :meth:`_world`) on its training spots, early-stopped on its
+        validation spots: ``(module, history, selection_summary or None)``; ``fresh``: from new
+        weights, else from the current ones. ``self`` is left as it was."""
+        kept = self._world(), self.module
         try:
-            self._register(self.adata[imaged].copy())
-            return (self.adata, self.registry, self._data, self.auto_labels, position[train_idx[imaged[train_idx]]],
-                    None if val_idx is None else position[val_idx[imaged[val_idx]]])
+            self._set_world(world)
+            if fresh:
+                self.module = self._initial_module()
+            self.module.configure(n_spots=len(world["train_idx"]), jit=False)
+            history = fit(self.module, self._data, world["train_idx"], world["val_idx"], config, self.device, jit=jit)
+            summary = (selection_summary(history, config.monitor, self._held_out, refit, config.min_epochs)
+                       if world["val_idx"] is not None else None)
+            return self.module, history, summary
         finally:
-            self.adata, self.registry, self._data, self.auto_labels = full
+            self._set_world(kept[0])
+            self.module = kept[1]
+
+    def _world(self, keep: np.ndarray | None = None, labels: list[str] | None = None, base: dict | None = None,
+               train_idx: np.ndarray | None = None, val_idx: np.ndarray | None = None) -> dict:
+        """What a model is trained on: the training AnnData, its registry and arrays, the
+        automatic labels, the setup arguments and the training/validation spots. From ``base``
+        (default: the current one), a copy restricted to the spots in the bool mask ``keep``
+        (``unimaged="ignore"``: the model those spots alone would give, categories, class counts
+        and automatic labels re-derived from them, indices remapped) or with only the label sets
+        ``labels``. ``self`` is left as it was."""
+        now = {"adata": self.adata, "registry": self.registry, "data": self._data, "auto_labels": self.auto_labels,
+               "setup": self._setup_args, "train_idx": train_idx, "val_idx": val_idx}
+        base = now if base is None else base
+        if keep is None and labels is None:
+            return dict(base)
+        try:
+            self._set_world(base)
+            if labels is not None:
+                self._setup_args = (self._setup_args[0], list(labels), *self._setup_args[2:])
+            if keep is None:
+                self._register(self.adata)
+                return {**self._world(), "train_idx": base["train_idx"], "val_idx": base["val_idx"]}
+            position = np.cumsum(keep) - 1
+            remap = lambda idx: None if idx is None else position[idx[keep[idx]]]
+            self._register(self.adata[keep].copy())
+            return {**self._world(), "train_idx": remap(base["train_idx"]), "val_idx": remap(base["val_idx"])}
+        finally:
+            self._set_world(now)
+
+    def _set_world(self, world: dict) -> None:
+        self.adata, self.registry, self._data = world["adata"], world["registry"], world["data"]
+        self.auto_labels, self._setup_args = world["auto_labels"], world["setup"]
 
     def _split(self, validation, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
         n = self._data.n

@@ -385,6 +385,25 @@ def unimaged_summary(runs: dict, choice: str, n_unimaged: int, monitor: str, set
     }
 
 
+def label_sets_summary(given: list[str], kept: list[str], scores: dict, monitor: str) -> dict:
+    """Which of the ``given`` label sets ``train(label_sets="auto")`` kept, and why.
+
+    ``scores``: ``{"+"-joined label sets: validation score}`` of every combination tried.
+    Returns ``{"used", "left_out", "scores", "message"}`` (JSON-serialisable).
+    """
+    left_out = [k for k in given if k not in kept]
+    what = "validation per-gene PCC" if monitor == "pcc" else "validation loss"
+    with_all, now = scores["+".join(given)], scores["+".join(kept)]
+    why = (f"{what} {now:.4f} without them vs {with_all:.4f} with all" if left_out
+           else f"leaving any one out validated worse than {what} {with_all:.4f} with all")
+    return {
+        "used": list(kept),
+        "left_out": left_out,
+        "scores": dict(scores),
+        "message": f"label sets used: {kept}" + (f", left out: {left_out}" if left_out else "") + f" ({why})",
+    }
+
+
 def _check_split(state: dict, train_idx: np.ndarray, val_idx: np.ndarray | None) -> None:
     """Raise when a checkpoint was written with other training or validation spots."""
     split = state.get("split")

@@ -85,3 +85,21 @@ def test_n_jobs(bench):
     assert bench.n_jobs(8, "cpu", 3) == 3
     with pytest.raises(sp.InputError, match="--jobs"):
         bench.n_jobs(-1, "cpu", 3)
+
+
+def test_chosen_records_what_the_validation_stage_decided(bench):
+    """Every choice the library made on training data reaches the records as numbers."""
+    from types import SimpleNamespace
+
+    selection = {
+        "epochs": 23, "val_pcc_gene": 0.05, "message": "…",
+        "unimaged": {"used": False, "scores": {"ignore": 0.055, "use": 0.054}},
+        "label_sets": {"used": ["cluster"], "left_out": ["pathology"], "scores": {"cluster+pathology": 0.05, "cluster": 0.06, "pathology": 0.04}},
+    }
+    out = bench.chosen(SimpleNamespace(selection=selection))
+    assert out == {
+        "epochs": 23.0, "val_pcc_gene": 0.05, "unimaged_used": 0.0, "unimaged_score_ignore": 0.055,
+        "unimaged_score_use": 0.054, "label_sets_left_out": 1.0, "label_sets_score_cluster+pathology": 0.05,
+        "label_sets_score_cluster": 0.06, "label_sets_score_pathology": 0.04,
+    }
+    assert bench.chosen(SimpleNamespace(selection=None)) == {}

@@ -144,3 +144,32 @@ def test_no_epoch_before_min_epochs_is_chosen(sim, monkeypatch):
     model = sp.SPARTHA(sim, label_keys=["cell_type"], batch_key="slide", **SMALL)
     model.train(validation=["slide2"], refit=False, patience=2, min_epochs=4, **{**FAST, "max_epochs": 8})
     assert model.selection["epochs"] == 5 and model.selection["val_pcc_gene"] == pytest.approx(0.3)
+
+
+def test_label_sets_are_kept_only_when_they_help_on_validation(sim, capsys):
+    """``label_sets="auto"``: each label set is left out in turn on the validation stage; the
+    kept combination validates at least as well as all of them (a tie leaves out), and the final
+    model is the one built with the kept label sets alone; ``"all"`` keeps every one."""
+    adata = sim.copy()
+    adata.obs["noise"] = np.random.default_rng(0).choice(["a", "b", "c"], adata.n_obs)
+    kw = dict(batch_key="slide", **SMALL)
+    fit = dict(FAST, min_epochs=1)
+    model = sp.SPARTHA(adata, label_keys=["cell_type", "noise"], **kw)
+    model.train(**{**fit, "progress": True})
+    chosen = model.selection["label_sets"]
+    assert chosen["message"] in capsys.readouterr().out
+    scores = chosen["scores"]
+    assert set(scores) == {"cell_type+noise", "cell_type", "noise"}
+    kept = "+".join(chosen["used"])
+    assert model.registry.label_keys == chosen["used"] and chosen["left_out"] == [
+        k for k in ("cell_type", "noise") if k not in chosen["used"]]
+    assert scores[kept] == max(scores.values()) if chosen["left_out"] else scores[kept] > max(scores["cell_type"], scores["noise"])
+    alone = sp.SPARTHA(adata, label_keys=chosen["used"], **kw)
+    alone.train(**fit)
+    for name, weight in alone.module.state_dict().items():
+        np.testing.assert_array_equal(model.module.state_dict()[name].numpy(), weight.numpy(), err_msg=name)
+    every = sp.SPARTHA(adata, label_keys=["cell_type", "noise"], **kw)
+    every.train(**fit, label_sets="all")
+    assert every.registry.label_keys == ["cell_type", "noise"] and "label_sets" not in every.selection
+    with pytest.raises(sp.InputError, match="label_sets"):
+        every.train(max_epochs=1, label_sets="some")
