@@ -914,6 +914,10 @@ class SPARTHA:
             raise InputError(f"{path / 'model.pt'} does not exist: not a saved SPARTHA model") from None
         except Exception as err:  # torch raises several types for truncated/corrupt/mismatched files
             raise InputError(f"{path / 'model.pt'} cannot be read (truncated, corrupt or not this model's): {err}") from None
+        r = self.registry
+        # training further treats every saved label set, automatic ones included, as a given column
+        self._setup_args = (r.histology_key, list(r.label_keys), r.batch_key, r.qc_key, r.layer, r.counts_key,
+                            r.gene_mask_key, r.histology_scaling)
         self.adata = adata
         self._data = encode_adata(adata, self.registry, require_counts=True) if adata is not None else None
         self.module.eval()

@@ -194,6 +194,14 @@ def test_load_with_mismatched_adata(saved, small):
     assert sp.SPARTHA.load(saved / "model", adata=small).is_trained
 
 
+def test_loaded_model_trains_further(saved, small):
+    """A model loaded with its training AnnData trains on (it had no setup arguments before)."""
+    model = sp.SPARTHA.load(saved / "model", adata=small)
+    before = len(model.history)
+    model.train(max_epochs=1, validation=None, progress=False)
+    assert len(model.history) == before + 1 and np.isfinite(model.history[-1]["loss"])
+
+
 def test_prediction_file_needs_overwrite(saved, small, tmp_path):
     model = sp.SPARTHA.load(saved / "model")
     out = tmp_path / "pred.nc"
