@@ -24,15 +24,15 @@ import pandas as pd
 from spartha_pyro.metrics.stats import paired_sign_flip_test
 
 
-def load(files: list[str], rename: dict[str, str]) -> pd.DataFrame:
-    """Records of ``files`` as one frame, methods renamed by ``rename``."""
+def load(files: list[str], rename: dict[str, str], seeds: list[int] | None = None) -> pd.DataFrame:
+    """Records of ``files`` as one frame, methods renamed by ``rename``, only ``seeds`` (``None``: all)."""
     frames = []
     for f in files:
         records = json.loads(Path(f).read_text())
         frames.append(pd.DataFrame(records["records"] if isinstance(records, dict) else records).assign(file=f))
     df = pd.concat(frames, ignore_index=True)
     df["method"] = df["method"].replace(rename)
-    return df
+    return df if seeds is None else df[df["seed"].isin(seeds)]
 
 
 def compare(df: pd.DataFrame, a: str, bs: list[str], metric: str) -> list[dict]:
@@ -64,10 +64,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--b", nargs="+", required=True)
     p.add_argument("--metric", default="pcc_gene")
     p.add_argument("--rename", nargs="*", default=[], help="OLD=NEW method names (to merge runs)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="only these seeds (default: all), e.g. to pair runs made with the same seeds")
     p.add_argument("--out", help="write the comparison records (JSON) here")
     args = p.parse_args(argv)
     rename = dict(r.split("=", 1) for r in args.rename)
-    rows = compare(load(args.files, rename), args.a, args.b, args.metric)
+    rows = compare(load(args.files, rename, args.seeds), args.a, args.b, args.metric)
     for r in rows:
         per = " ".join(f"{s} {d:+.3f}" for s, d in zip(r["sections"], r["diffs"]))
         print(f"{r['a']} - {r['b']:12s} {r['panel']:12s} mean {r['mean_diff']:+.4f}  better in {r['a_better_in']}/"

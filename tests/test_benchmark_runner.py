@@ -1,5 +1,6 @@
 """``benchmarks/her2st.py`` runs its (method × seed) runs in parallel processes with the same
 results as one after the other (simulated sections; no files from ``../shared``)."""
+import json
 import sys
 from pathlib import Path
 
@@ -103,3 +104,18 @@ def test_chosen_records_what_the_validation_stage_decided(bench):
         "label_sets_score_cluster": 0.06, "label_sets_score_pathology": 0.04,
     }
     assert bench.chosen(SimpleNamespace(selection=None)) == {}
+
+
+def test_paired_pairs_only_the_seeds_asked_for(tmp_path):
+    """``benchmarks/paired.py --seeds``: a method run with more seeds than the other is compared on the shared ones."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import paired
+    finally:
+        sys.path.remove(str(BENCH))
+    rec = lambda m, s, seed, v: {"method": m, "section": s, "seed": seed, "panel": "hvg", "metric": "pcc_gene", "value": v}
+    records = [rec("a", s, 0, 0.2) for s in "PQ"] + [rec("a", s, 1, 0.6) for s in "PQ"] + [rec("b", s, 0, 0.1) for s in "PQ"]
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(records))
+    assert paired.main([str(f), "--a", "a", "--b", "b"])[0]["diffs"] == pytest.approx([0.3, 0.3])  # a over both seeds
+    assert paired.main([str(f), "--a", "a", "--b", "b", "--seeds", "0"])[0]["diffs"] == pytest.approx([0.1, 0.1])
