@@ -209,6 +209,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "whichever fits the training counts better (auto, default)",
     )
     p.add_argument("--pca", type=int, default=0, help="SPARTHA/SpatialDIVA see this many principal components of the features (0: raw)")
+    p.add_argument("--label-sets", choices=["auto", "all"], default="auto",
+                   help="SPARTHA.train(label_sets=...): with several --label-keys, keep those that help on validation "
+                        "(auto, the library default) or all")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON of extra SPARTHA(...) arguments")
     p.add_argument("--device", default="auto")
     p.add_argument(
@@ -460,6 +463,7 @@ def train_spartha(method: str, train: AnnData, args, seed: int, validation: str 
         model.train(
             max_epochs=epochs, batch_size=args.batch_size, validation=validation_sections,
             patience=args.patience, seed=seed, progress=False, device=args.device, unimaged=UNIMAGED.get(method, "auto"),
+            label_sets=args.label_sets,
         )
         return model
 
