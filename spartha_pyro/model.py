@@ -387,10 +387,10 @@ class SPARTHA:
                 for key in keys:
                     fewer = [k for k in keys if k != key]
                     candidate = self._world(labels=fewer, base=world)
-                    tried[key] = (candidate, fewer, stage(candidate, True))
-                    label_scores["+".join(fewer)] = value(tried[key][2])
-                    history = history + [{**h, "label_sets": "+".join(fewer)} for h in tried[key][2][1]]
-                drop = min(tried, key=lambda k: score(tried[k][2]))
+                    tried["+".join(fewer)] = (candidate, fewer, stage(candidate, True))
+                label_scores.update({name: value(run) for name, (_, _, run) in tried.items()})
+                history = history + [{**h, "label_sets": name} for name, (_, _, run) in tried.items() for h in run[1]]
+                drop = min(tried, key=lambda name: score(tried[name][2]))
                 if score(tried[drop][2]) > score(best):  # a tie: fewer label sets
                     break
                 world, keys, best = tried[drop]
