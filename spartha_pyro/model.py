@@ -24,6 +24,7 @@ from .module import SparthaModule
 from .recipe import check_recipe, read_recipe
 from .train import (
     TrainConfig, fit, label_sets_summary, monitored, resolve_device, selection_summary, unimaged_summary,
+    validation_score,
 )
 
 FORMAT_VERSION = 1
@@ -372,7 +373,6 @@ class SPARTHA:
                               f"cannot be trained on: {err}", stacklevel=2)
                 options = ["use"]
         stage = lambda world, fresh: self._validation_stage(world, config, jit, refit, fresh)
-        value = lambda run: run[2]["val_pcc_gene" if monitor == "pcc" else "val_loss_histology"]
         score = lambda run: monitored(run[1][run[2]["epochs"] - 1], monitor) if run[2] else 0.0  # lower is better
         runs = {o: stage(worlds[o], k > 0 or o == "ignore") for k, o in enumerate(options)}
         choice = min(options, key=lambda o: score(runs[o]))  # a tie: the first
@@ -381,14 +381,14 @@ class SPARTHA:
         given = [] if world["setup"][1] == "auto" else list(world["registry"].label_keys)
         keys, label_scores = given, None
         if label_sets == "auto" and len(given) >= 2 and val_idx is not None and checkpoint_dir is None:
-            label_scores = {"+".join(keys): value(best)}
+            label_scores = {"+".join(keys): validation_score(best[2], monitor)}
             while len(keys) >= 2:  # backward elimination: leave out the label set whose absence validates best
                 tried = {}
                 for key in keys:
                     fewer = [k for k in keys if k != key]
                     candidate = self._world(labels=fewer, base=world)
                     tried["+".join(fewer)] = (candidate, fewer, stage(candidate, True))
-                label_scores.update({name: value(run) for name, (_, _, run) in tried.items()})
+                label_scores.update({name: validation_score(run[2], monitor) for name, (_, _, run) in tried.items()})
                 history = history + [{**h, "label_sets": name} for name, (_, _, run) in tried.items() for h in run[1]]
                 drop = min(tried, key=lambda name: score(tried[name][2]))
                 if score(tried[drop][2]) > score(best):  # a tie: fewer label sets

@@ -322,11 +322,22 @@ def _fit(
                            if monitored(h, config.monitor) == best), history[-1]["epoch"])
             ran = history[-1]["epoch"] + 1
             why = f"early stopping after epoch {ran} (no validation improvement for {config.patience})" if stopped else f"{ran} epochs"
-            score = f"validation per-gene PCC {-best:.4f}" if config.monitor == "pcc" else f"validation loss {best:.4f}"
+            score = f"{score_name(config.monitor)} {-best if config.monitor == 'pcc' else best:.4f}"
             bar.write(f"{why}: kept the weights of epoch {chosen + 1}, the best {score}")
     bar.close()
     module.eval()
     return history
+
+
+def validation_score(summary: dict, monitor: str) -> float:
+    """The monitored score of a :func:`selection_summary`: its per-gene PCC (``"pcc"``) or its
+    histology loss (``"elbo"``)."""
+    return summary["val_pcc_gene" if monitor == "pcc" else "val_loss_histology"]
+
+
+def score_name(monitor: str) -> str:
+    """What :func:`validation_score` is called in messages."""
+    return "validation per-gene PCC" if monitor == "pcc" else "validation loss"
 
 
 def monitored(record: dict, monitor: str) -> float:
@@ -369,11 +380,9 @@ def unimaged_summary(runs: dict, choice: str, n_unimaged: int, monitor: str, set
     stage(s) run; ``choice``: the one kept. Returns ``{"used", "n_spots", "setting",
     "scores": {option: validation score}, "message"}`` (JSON-serialisable).
     """
-    key = "val_pcc_gene" if monitor == "pcc" else "val_loss_histology"
-    scores = {o: run[2][key] for o, run in runs.items()}
+    scores = {o: validation_score(run[2], monitor) for o, run in runs.items()}
     if len(runs) > 1:
-        what = "validation per-gene PCC" if monitor == "pcc" else "validation loss"
-        why = f"{what} {scores['use']:.4f} with them vs {scores['ignore']:.4f} without"
+        why = f"{score_name(monitor)} {scores['use']:.4f} with them vs {scores['ignore']:.4f} without"
     else:
         why = f"unimaged={setting!r}"
     return {
@@ -392,7 +401,7 @@ def label_sets_summary(given: list[str], kept: list[str], scores: dict, monitor:
     Returns ``{"used", "left_out", "scores", "message"}`` (JSON-serialisable).
     """
     left_out = [k for k in given if k not in kept]
-    what = "validation per-gene PCC" if monitor == "pcc" else "validation loss"
+    what = score_name(monitor)
     with_all, now = scores["+".join(given)], scores["+".join(kept)]
     why = (f"{what} {now:.4f} without them vs {with_all:.4f} with all" if left_out
            else f"leaving any one out validated worse than {what} {with_all:.4f} with all")
