@@ -13,6 +13,8 @@
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from pyro import distributions as dist
@@ -128,3 +130,63 @@ def count_likelihood(mu, theta, gate_logits=None, gene_mask=None):
     if gate_logits is not None:
         d = dist.ZeroInflatedDistribution(d, gate_logits=gate_logits, validate_args=False)
     return (d if gene_mask is None else d.mask(gene_mask)).to_event(1)
+
+
+def expected_log1p_normalised(
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    gate_logits: torch.Tensor | None = None,
+    target_sum: float = 1e4,
+    exact_below: int = 32,
+    ratio: float = 1.05,
+    tol: float = 1e-5,
+) -> torch.Tensor:
+    """``E[log1p(target_sum * x / l)]`` for ``x ~ NB(mu, theta)`` (or the ZINB), per element.
+
+    The point prediction in the metric's space with the count noise integrated out instead of
+    sampled (Rao-Blackwellised). ``l = sum_g E[x_g]`` is the spot's library: the model's own
+    ``l`` (``mu = l * rho``), which in training is the observed total count.
+
+    The expectation is a sum over the NB probabilities: exact for ``x < exact_below`` (the
+    recurrence ``p(k+1) / p(k) = (k + theta) / (k + 1) * mu / (mu + theta)``), and for the rest
+    of the mass (kept only where it exceeds ``tol``) a quadrature on a geometric grid of ratio
+    ``ratio``, on which the NB is smooth, normalised to that mass. Absolute error ~1e-3.
+
+    Parameters
+    ----------
+    mu
+        ``(..., G)`` NB means (expected counts), non-negative.
+    theta
+        ``(G,)`` inverse dispersion.
+    gate_logits
+        ``(..., G)`` zero-inflation logits, or ``None`` (plain NB).
+
+    Returns
+    -------
+    ``(..., G)`` tensor, the dtype of ``mu``.
+    """
+    keep = 1.0 if gate_logits is None else torch.sigmoid(-gate_logits)  # P(not a structural zero)
+    library = (keep * mu).sum(-1, keepdim=True).clamp(min=1.0)
+    scale = (target_sum / library).expand_as(mu)
+    theta = theta.expand_as(mu)
+    p = mu / (mu + theta)
+    pmf = torch.exp(theta * (torch.log(theta) - torch.log(theta + mu)))  # P(x = 0)
+    mass, out = torch.zeros_like(mu), torch.zeros_like(mu)
+    for k in range(exact_below):
+        mass += pmf
+        if k:
+            out += pmf * torch.log1p(scale * k)
+        pmf = pmf * (k + theta) / (k + 1) * p
+    tail = (1 - mass) > tol
+    if tail.any():
+        m, th, sc = mu[tail], theta[tail], scale[tail]
+        top = float((m + 30 * torch.sqrt(m + m * m / th)).max())
+        n = int(math.ceil(math.log(top / (exact_below - 0.5)) / math.log(ratio))) + 2
+        x = (exact_below - 0.5) * ratio ** torch.arange(n, dtype=mu.dtype, device=mu.device)
+        width = torch.diff(torch.cat([x[:1], (x[1:] + x[:-1]) / 2, x[-1:]]))
+        th_, m_ = th[:, None], m[:, None]
+        log_pmf = (torch.lgamma(x + th_) - torch.lgamma(th_) - torch.lgamma(x + 1)
+                   + th_ * (torch.log(th_) - torch.log(th_ + m_)) + x * (torch.log(m_) - torch.log(th_ + m_)))
+        w = width * torch.exp(log_pmf - log_pmf.max(-1, keepdim=True).values)
+        out[tail] += (1 - mass[tail]) * (w * torch.log1p(sc[:, None] * x)).sum(-1) / w.sum(-1)
+    return keep * out
