@@ -193,6 +193,8 @@ class SparthaModel(PyroModule):
         with poutine.scale(scale=1.0 / self.n_spots), pyro.plate("spots", self.n_spots, subsample=index):
             z = [pyro.sample(name, prior) for name, prior in self.latent_priors(labels, batch, qc).items()]
             rho, gate, lib_loc, lib_scale, hist_loc, hist_scale = self.decode(torch.cat(z, -1))
+            if gate is not None:  # named, so that prediction can integrate the count noise out
+                gate = pyro.deterministic("zi_logits", gate, event_dim=1)
 
             measured = self.measured(batch) if x_t is not None else None
             if measured is not None:  # proportions over the genes this spot's panel measured

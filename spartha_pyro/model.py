@@ -20,6 +20,7 @@ from .config import ModelConfig
 from .io.write import atomic_path
 from .data import QC_CODES, Registry, SpotArrays, add_label_set, class_counts, encode_adata, setup_anndata
 from .loaders import iterate_minibatches, minibatch
+from .models.likelihoods import expected_log1p_normalised
 from .module import SparthaModule
 from .recipe import check_recipe, read_recipe
 from .train import (
@@ -671,8 +672,8 @@ class SPARTHA:
         attrs = {"artifact": artifact, "value": value, "seed": seed, "model": repr(self)}
 
         def fill(sink) -> None:
-            for b, samples in self._draws(data, num_samples, artifact, site, batch_size, seed, num_samples):
-                sink[:, b[0] : b[-1] + 1] = samples.cpu().numpy().astype(dtype)
+            for b, draws in self._draws(data, num_samples, artifact, [site], batch_size, seed, num_samples):
+                sink[:, b[0] : b[-1] + 1] = draws[site].cpu().numpy().astype(dtype)
 
         if out is not None:
             with atomic_path(out) as tmp, _netcdf_variable(tmp, name, dtype, coords, attrs) as sink:
@@ -700,10 +701,10 @@ class SPARTHA:
             )
         return data
 
-    def _draws(self, data: SpotArrays, num_samples: int, artifact: str, site: str, batch_size: int, seed: int,
-               chunk: int):
-        """Yield ``(spot indices b, draws (s, len(b), G))`` of ``site`` from ``q(Z | X_h)``, ``chunk``
-        draws at a time (see :meth:`predict_expression` for ``artifact``)."""
+    def _draws(self, data: SpotArrays, num_samples: int, artifact: str, sites: Sequence[str], batch_size: int,
+               seed: int, chunk: int):
+        """Yield ``(spot indices b, {site: draws (s, len(b), G)})`` of model ``sites`` from
+        ``q(Z | X_h)``, ``chunk`` draws at a time (see :meth:`predict_expression` for ``artifact``)."""
         module = self.module.to(self.device).eval()
         pyro.set_rng_seed(seed)
         n_genes = len(self.registry.genes)
@@ -711,8 +712,8 @@ class SPARTHA:
             batch = minibatch(data, b, self.device, n_genes)
             for start in range(0, num_samples, chunk):
                 s = min(chunk, num_samples - start)
-                draws = module.posterior_predictive(batch, s, site, artifact_free=artifact == "pass")
-                yield b, draws.reshape(s, len(b), n_genes)
+                draws = module.posterior_predictive(batch, s, sites, artifact_free=artifact == "pass")
+                yield b, {site: draws[site].reshape(s, len(b), n_genes) for site in sites}
 
     @pyro.settings.context(module_local_params=True)  # weights stay in the module, out of the user's param store
     @torch.no_grad()
@@ -721,6 +722,7 @@ class SPARTHA:
         adata: AnnData,
         num_samples: int = 100,
         artifact: str = "posterior",
+        counts: str = "expected",
         batch_size: int = 256,
         seed: int = 0,
         chunk: int = 25,
@@ -728,8 +730,8 @@ class SPARTHA:
         """Point prediction from histology alone: the posterior-predictive mean of
         ``log1p(counts per 10,000)``, the space the field's metrics score.
 
-        The mean over ``num_samples`` posterior predictive draws of the normalised counts
-        (see :meth:`predict_expression`), accumulated ``chunk`` draws at a time, so memory is
+        Averaged over ``num_samples`` draws of the latents and library from ``q(Z | X_h)``
+        (see :meth:`predict_expression`), ``chunk`` draws at a time, so memory is
         ``chunk × batch_size × genes`` whatever the number of draws. Not the log of the
         predicted mean: for sparse genes the two differ, and only this one is what a
         measured spot's log-normalised value is expected to be.
@@ -740,11 +742,18 @@ class SPARTHA:
             Spots with ``obsm[histology_key]`` (whole sections when the model scales
             histology per section).
         num_samples
-            Draws averaged (Monte Carlo error falls as ``1/sqrt(num_samples)``).
+            Draws of the latents and library averaged (Monte Carlo error falls as
+            ``1/sqrt(num_samples)``).
         artifact
             ``"posterior"`` (default): the artifact latent from ``q(Z_r | X_h)``, the
             prediction of a *measured* spot, artifacts included; score it against measured
             counts. ``"pass"``: artifact-free expression, to be scored against clean truth.
+        counts
+            ``"expected"`` (default): the NB (ZINB) count noise is integrated out exactly
+            given each draw (:func:`~spartha_pyro.models.expected_log1p_normalised`, the
+            spot's total taken as its expected library), which removes the count noise
+            from the Monte Carlo error. ``"sampled"``: counts are drawn and normalised by
+            their realised total.
         batch_size, seed, chunk
             Spots per minibatch, seed of the draws, draws per chunk.
 
@@ -754,15 +763,24 @@ class SPARTHA:
         """
         if num_samples < 1 or chunk < 1:
             raise InputError("num_samples and chunk must be positive")
+        if counts not in ("expected", "sampled"):
+            raise InputError(f"counts must be 'expected' or 'sampled', got {counts!r}")
         data = self._encode_histology(adata, artifact)
+        zinb = self.config.likelihood == "zinb"
+        sites = ["x_t"] if counts == "sampled" else ["mu", "zi_logits"] if zinb else ["mu"]
+        theta = self.module.model.log_theta.detach().to(self.device).exp()
         out = np.zeros((data.n, len(self.registry.genes)), np.float32)
-        for b, draws in self._draws(data, num_samples, artifact, "x_t", batch_size, seed, chunk):
-            draws = draws.float()
-            norm = torch.log1p(1e4 * draws / draws.sum(-1, keepdim=True).clamp(min=1.0))
+        for b, draws in self._draws(data, num_samples, artifact, sites, batch_size, seed, chunk):
+            if counts == "sampled":
+                x = draws["x_t"].float()
+                norm = torch.log1p(1e4 * x / x.sum(-1, keepdim=True).clamp(min=1.0))
+            else:
+                norm = expected_log1p_normalised(draws["mu"].float(), theta, draws.get("zi_logits"))
             out[b[0] : b[-1] + 1] += norm.sum(0).cpu().numpy() / num_samples
         return xr.DataArray(
             out, dims=("spot", "gene"), coords={"spot": np.asarray(adata.obs_names), "gene": self.registry.genes},
-            name="log1p_normalised", attrs={"artifact": artifact, "num_samples": num_samples, "seed": seed},
+            name="log1p_normalised",
+            attrs={"artifact": artifact, "counts": counts, "num_samples": num_samples, "seed": seed},
         )
 
     def export_posterior(

@@ -155,9 +155,11 @@ class SparthaModule(nn.Module):
         """Expression proportions ``rho(E_q[Z | X_h])`` ``(B, G)``: the decoder at the histology posterior means."""
         return self.model.decode(self.latent_means(batch, list(self.model.dims), "histology"))[0]
 
-    def posterior_predictive(self, batch: Batch, num_samples: int, site: str, artifact_free: bool) -> torch.Tensor:
-        """Draws ``(num_samples, B, ...)`` of model ``site`` from histology alone: ``Z ~ q(Z | X_h)``,
-        then the model generates (``batch.x_t`` is ignored).
+    def posterior_predictive(
+        self, batch: Batch, num_samples: int, sites: Sequence[str], artifact_free: bool
+    ) -> dict[str, torch.Tensor]:
+        """Draws ``{site: (num_samples, B, ...)}`` of model ``sites`` from histology alone:
+        ``Z ~ q(Z | X_h)``, then the model generates (``batch.x_t`` is ignored).
 
         ``artifact_free``: ``Z_r`` is drawn from its prior given a passing spot,
         ``p(Z_r | L_r = pass)``, instead of from ``q(Z_r | X_h)`` (hidden from the guide, so
@@ -167,8 +169,8 @@ class SparthaModule(nn.Module):
                                index=torch.arange(len(batch.index), device=batch.index.device))
         hide_r = artifact_free and "z_r" in self.model.dims
         guide = poutine.block(self.guide_hist, hide=["z_r"]) if hide_r else self.guide_hist
-        predictive = Predictive(self.model, guide=guide, num_samples=num_samples, return_sites=[site])
-        return predictive(*batch)[site]
+        predictive = Predictive(self.model, guide=guide, num_samples=num_samples, return_sites=list(sites))
+        return predictive(*batch)
 
     def classifier_accuracy(self, batch: Batch) -> dict[str, float]:
         """``{"acc_<site>": accuracy}`` of each ``q_psi(L | Z)`` at the full guide's posterior means

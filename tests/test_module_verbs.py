@@ -47,9 +47,9 @@ def test_artifact_free_draws_take_z_r_from_the_pass_prior(tiny, sim):
     with torch.no_grad(), pyro.settings.context(module_local_params=True):
         module.model.prior_r.loc[1] = 100.0  # class 1 = pass: far from anything the guide proposes
         try:
-            free = module.posterior_predictive(batch, 3, "z_r", artifact_free=True)
-            measured = module.posterior_predictive(batch, 3, "z_r", artifact_free=False)
-            x_t = module.posterior_predictive(batch, 2, "x_t", artifact_free=True)
+            free = module.posterior_predictive(batch, 3, ["z_r"], artifact_free=True)["z_r"]
+            measured = module.posterior_predictive(batch, 3, ["z_r"], artifact_free=False)["z_r"]
+            x_t = module.posterior_predictive(batch, 2, ["x_t"], artifact_free=True)["x_t"]
         finally:
             module.model.prior_r.loc.copy_(pass_loc)
     assert free.shape == measured.shape == (3, 40, 2) and x_t.shape == (2, 40, sim.n_vars)

@@ -117,16 +117,29 @@ def test_automatic_labels_are_saved_and_need_no_labels_to_predict(sim, tmp_path)
     assert sp.SPARTHA(adata, label_keys=[], batch_key="slide", **SMALL).registry.label_keys == []
 
 
-def test_predict_mean_is_the_mean_of_normalised_draws(trained, sim):
+def test_sampled_predict_mean_is_the_mean_of_normalised_draws(trained, sim):
     new = ad.AnnData(obs=sim.obs[[]].iloc[:60].copy(), obsm={"histology": sim.obsm["histology"][:60]})
     draws = trained.predict_expression(new, num_samples=6, artifact="posterior", seed=3).values
-    mean = trained.predict_mean(new, num_samples=6, artifact="posterior", seed=3, chunk=6)
+    mean = trained.predict_mean(new, num_samples=6, artifact="posterior", counts="sampled", seed=3, chunk=6)
     np.testing.assert_allclose(mean.values, sp.metrics.normalize_log1p(draws).mean(0), rtol=1e-5, atol=1e-5)
     assert mean.dims == ("spot", "gene")
     # chunks change the random stream, not the estimate: two 60-draw means agree closely
-    whole = trained.predict_mean(new, num_samples=60, artifact="posterior", seed=3, chunk=60)
-    chunked = trained.predict_mean(new, num_samples=60, artifact="posterior", seed=3, chunk=7)
+    whole = trained.predict_mean(new, num_samples=60, artifact="posterior", counts="sampled", seed=3, chunk=60)
+    chunked = trained.predict_mean(new, num_samples=60, artifact="posterior", counts="sampled", seed=3, chunk=7)
     assert np.corrcoef(chunked.values.ravel(), whole.values.ravel())[0, 1] > 0.98
+
+
+def test_expected_predict_mean_is_the_many_draw_limit_of_the_sampled_one(trained, sim):
+    """Integrating the count noise out estimates the same mean as sampling counts, with less
+    noise: 10 expected draws sit closer to a 400-draw sampled mean than 10 sampled draws do."""
+    new = ad.AnnData(obs=sim.obs[[]].iloc[:60].copy(), obsm={"histology": sim.obsm["histology"][:60]})
+    reference = trained.predict_mean(new, num_samples=400, counts="sampled", seed=1, chunk=100).values
+    expected = trained.predict_mean(new, num_samples=10, seed=2).values
+    sampled = trained.predict_mean(new, num_samples=10, counts="sampled", seed=2).values
+    assert expected.dtype == np.float32 and np.isfinite(expected).all()
+    assert np.abs(expected - reference).mean() < 0.5 * np.abs(sampled - reference).mean()
+    with pytest.raises(sp.InputError, match="counts"):
+        trained.predict_mean(new, counts="mode")
 
 
 def test_early_stopping_waits_for_min_epochs(sim):
