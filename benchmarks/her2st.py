@@ -22,7 +22,9 @@ Scoring space: log1p of counts normalised to 10,000 per spot over every gene of 
 universe, then subset to a panel: ``all``, ``hvg`` (top 2,500 of the training sections),
 ``top250`` (highest mean on the training sections) and ``hist2st_785`` (the field's panel,
 when its file exists). The generative models are scored by their posterior predictive mean in
-that space, the mean over draws of ``normalize_log1p(sampled counts)``; QCPR (3/4/5 MADs
+that space (:meth:`~spartha_pyro.SPARTHA.predict_mean`: the mean over ``--num-samples`` latent
+draws of ``E[normalize_log1p(counts)]``, the count noise integrated out; ``--point-counts
+sampled`` averages sampled counts instead); QCPR (3/4/5 MADs
 against the real spots of the section) and the QC fidelity ``qc_energy_distance`` (energy
 distance between the QC-metric distributions of generated and real spots,
 :func:`~spartha_pyro.metrics.qc_fidelity`; lower is better) are computed on the first
@@ -203,6 +205,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=200, help="posterior predictive draws per spot")
     p.add_argument("--calib-samples", type=int, default=100, help="draws per spot scored for calibration (coverage, nll, crps)")
     p.add_argument("--sample-chunk", type=int, default=25, help="draws generated at a time (bounds memory)")
+    p.add_argument("--point-counts", choices=("expected", "sampled"), default="expected",
+                   help="point prediction: count noise integrated out (expected) or sampled (SPARTHA.predict_mean counts=)")
     p.add_argument(
         "--nb-library", choices=["auto", "histology", "train_median"], default="auto",
         help="library of the NB around ridge and the mean: predicted from histology, the training median, or "
@@ -479,26 +483,25 @@ def train_spartha(method: str, train: AnnData, args, seed: int, validation: str 
 def posterior_predictive(model: sp.SPARTHA, adata: AnnData, artifact: str, args, seed: int):
     """Posterior predictive mean in the metric's space, QCPR draws and calibration draws.
 
-    The mean over ``args.num_samples`` draws of ``normalize_log1p(counts)`` (normalised over
-    every modelled column, ``__rest__`` included, which is then dropped), generated
-    ``args.sample_chunk`` draws at a time with seeds ``seed * 1000 + chunk``. The first
-    ``args.calib_samples`` draws are kept, with their NB means (same seeds, so the same
-    latent and library draws), for the calibration scores.
+    The point prediction is :meth:`~spartha_pyro.SPARTHA.predict_mean` over
+    ``args.num_samples`` latent draws (seed ``seed * 1000``), with the count noise integrated
+    out (``--point-counts expected``) or sampled (``sampled``); normalised over every modelled
+    column, ``__rest__`` included, which is then dropped. Counts are drawn
+    ``args.sample_chunk`` at a time with seeds ``seed * 1000 + chunk`` until the first chunk
+    (QCPR) and the first ``args.calib_samples`` draws (kept with their NB means, same seeds, so
+    the same latent and library draws, for the calibration scores) are in hand.
 
     Returns
     -------
     ``(prediction (spots × genes), genes, counts of the first chunk (sample × spot × column),
     (count draws, NB-mean draws, theta) over every modelled column)``.
     """
-    total, first, kept, means = None, None, None, None
+    first, kept, means = None, None, None
     n_kept = min(args.calib_samples, args.num_samples)
-    n_chunks = -(-args.num_samples // args.sample_chunk)
-    for chunk in range(n_chunks):
+    for chunk in range(max(1, -(-n_kept // args.sample_chunk))):
         start = chunk * args.sample_chunk
         n = min(args.sample_chunk, args.num_samples - start)
         counts = model.predict_expression(adata, num_samples=n, artifact=artifact, seed=seed * 1000 + chunk)
-        part = normalize_log1p(counts.values, dtype=np.float32).sum(0)
-        total = part if total is None else total + part
         first = counts if first is None else first
         if start < n_kept:  # filled in place: a concatenation would need the draws twice
             if kept is None:
@@ -508,9 +511,11 @@ def posterior_predictive(model: sp.SPARTHA, adata: AnnData, artifact: str, args,
             means[start:stop] = model.predict_expression(
                 adata, num_samples=n, artifact=artifact, value="mean", seed=seed * 1000 + chunk
             ).values[: stop - start]
+    point = model.predict_mean(adata, num_samples=args.num_samples, artifact=artifact, counts=args.point_counts,
+                               seed=seed * 1000, chunk=args.sample_chunk).values
     genes = list(first["gene"].values)
     keep = [i for i, g in enumerate(genes) if g != REST]
-    return total[:, keep] / args.num_samples, [genes[i] for i in keep], first, (kept, means, model.dispersion)
+    return point[:, keep], [genes[i] for i in keep], first, (kept, means, model.dispersion)
 
 
 def nb_baseline(predictor, train: AnnData, test_hist: AnnData, args, seed: int):
