@@ -207,6 +207,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-chunk", type=int, default=25, help="draws generated at a time (bounds memory)")
     p.add_argument("--point-counts", choices=("expected", "sampled"), default="expected",
                    help="point prediction: count noise integrated out (expected) or sampled (SPARTHA.predict_mean counts=)")
+    p.add_argument("--also-sampled", action="store_true",
+                   help="add the row spartha_sampled (or spartha_expected): the other --point-counts statistic of the same model")
     p.add_argument(
         "--nb-library", choices=["auto", "histology", "train_median"], default="auto",
         help="library of the NB around ridge and the mean: predicted from histology, the training median, or "
@@ -598,6 +600,12 @@ def run_method(method, train, test, panels, args, seed, validation, extra=None):
     model = train_spartha(method, modelled_genes(train, panels, args.train_genes), args, seed, validation)
     modes = {"spartha": "posterior", "spartha_pass": "pass"} if method == "spartha" else {method: "posterior"}
     out = {row: posterior_predictive(model, test_hist, artifact, args, seed) for row, artifact in modes.items()}
+    if method == "spartha" and args.also_sampled:  # the other point statistic of the same model
+        other = "sampled" if args.point_counts == "expected" else "expected"
+        point = model.predict_mean(test_hist, num_samples=args.num_samples, counts=other, seed=seed * 1000,
+                                   chunk=args.sample_chunk)
+        keep = (point["gene"] != REST).values
+        out[f"spartha_{other}"] = (point.values[:, keep], list(point["gene"].values[keep]), None, None)
     return out, probe(model, seed) if method == "spartha" else None, chosen(model)
 
 

@@ -80,6 +80,22 @@ def test_parallel_runs_match_serial(bench, sections, tmp_path):
     assert not any(r["section"] == "all" for r in paired)
 
 
+def test_also_sampled_scores_the_other_point_statistic_of_the_same_model(bench, sections, tmp_path):
+    adata, data = sections
+    slides = sorted(adata.obs["slide"].unique())
+    args = bench.parse_args([
+        "--data", str(data), "--train-sections", *slides[:3], "--test-sections", slides[3],
+        "--epochs", "2", "--n-hvg", "20", "--n-top-mean", "10", "--num-samples", "4", "--calib-samples", "4",
+        "--sample-chunk", "2", "--model-kwargs", '{"hidden": 16, "y_dim": 4, "d_dim": 2, "r_dim": 2, "x_dim": 2}',
+        "--device", "cpu", "--also-sampled", "--out", str(tmp_path / "r.json"),
+    ])
+    (rows, *_), = bench.run_tasks([(tuple(slides[:3]), slides[3], None, "spartha", 0)], (adata, None, args), jobs=1)
+    got = {(r["method"], r["panel"], r["metric"]): r["value"] for r in rows}
+    assert {m for m, *_ in got} == {"spartha", "spartha_pass", "spartha_sampled"}
+    expected, sampled = got[("spartha", "hvg", "pcc_gene")], got[("spartha_sampled", "hvg", "pcc_gene")]
+    assert np.isfinite([expected, sampled]).all() and expected != sampled
+
+
 def test_n_jobs(bench):
     assert bench.n_jobs(0, "cpu", 100) >= 1
     assert bench.n_jobs(0, "cuda", 100) == 1
