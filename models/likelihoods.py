@@ -138,7 +138,7 @@ def expected_log1p_normalised(
     gate_logits: torch.Tensor | None = None,
     target_sum: float = 1e4,
     exact_below: int = 32,
-    ratio: float = 1.05,
+    nodes: int = 32,
     tol: float = 1e-5,
 ) -> torch.Tensor:
     """``E[log1p(target_sum * x / l)]`` for ``x ~ NB(mu, theta)`` (or the ZINB), per element.
@@ -149,8 +149,10 @@ def expected_log1p_normalised(
 
     The expectation is a sum over the NB probabilities: exact for ``x < exact_below`` (the
     recurrence ``p(k+1) / p(k) = (k + theta) / (k + 1) * mu / (mu + theta)``), and for the rest
-    of the mass (kept only where it exceeds ``tol``) a quadrature on a geometric grid of ratio
-    ``ratio``, on which the NB is smooth, normalised to that mass. Absolute error ~1e-3.
+    of the mass (kept only where it exceeds ``tol``) the trapezoid rule in ``log x`` on
+    ``nodes`` points spanning ±10 sd of ``log x`` (clipped to ``[exact_below - 0.5,
+    mu + 30 sd]``), on which the NB is smooth. Absolute error < 1e-3 for ``mu`` up to 1e6 and
+    ``theta`` 0.05-5,000 (``tests/test_components.py`` checks it against Monte Carlo).
 
     Parameters
     ----------
@@ -167,8 +169,7 @@ def expected_log1p_normalised(
     """
     keep = 1.0 if gate_logits is None else torch.sigmoid(-gate_logits)  # P(not a structural zero)
     library = (keep * mu).sum(-1, keepdim=True).clamp(min=1.0)
-    scale = (target_sum / library).expand_as(mu)
-    theta = theta.expand_as(mu)
+    scale = target_sum / library  # (..., 1): the head takes one log1p per spot and count
     p = mu / (mu + theta)
     pmf = torch.exp(theta * (torch.log(theta) - torch.log(theta + mu)))  # P(x = 0)
     mass, out = torch.zeros_like(mu), torch.zeros_like(mu)
@@ -176,17 +177,25 @@ def expected_log1p_normalised(
         mass += pmf
         if k:
             out += pmf * torch.log1p(scale * k)
-        pmf = pmf * (k + theta) / (k + 1) * p
+        pmf = pmf * ((k + theta) / (k + 1)) * p
     tail = (1 - mass) > tol
     if tail.any():
-        m, th, sc = mu[tail], theta[tail], scale[tail]
-        top = float((m + 30 * torch.sqrt(m + m * m / th)).max())
-        n = int(math.ceil(math.log(top / (exact_below - 0.5)) / math.log(ratio))) + 2
-        x = (exact_below - 0.5) * ratio ** torch.arange(n, dtype=mu.dtype, device=mu.device)
-        width = torch.diff(torch.cat([x[:1], (x[1:] + x[:-1]) / 2, x[-1:]]))
-        th_, m_ = th[:, None], m[:, None]
-        log_pmf = (torch.lgamma(x + th_) - torch.lgamma(th_) - torch.lgamma(x + 1)
-                   + th_ * (torch.log(th_) - torch.log(th_ + m_)) + x * (torch.log(m_) - torch.log(th_ + m_)))
-        w = width * torch.exp(log_pmf - log_pmf.max(-1, keepdim=True).values)
-        out[tail] += (1 - mass[tail]) * (w * torch.log1p(sc[:, None] * x)).sum(-1) / w.sum(-1)
+        m, th, sc = mu[tail], theta.expand_as(mu)[tail], scale.expand_as(mu)[tail]
+        sd_log = torch.sqrt(torch.polygamma(1, th) + 1 / m)  # sd of log x, near enough
+        lo = torch.clamp(torch.log(m) - 10 * sd_log, min=math.log(exact_below - 0.5))
+        hi = torch.minimum(torch.log(m) + 10 * sd_log, torch.log(m + 30 * torch.sqrt(m + m * m / th)))
+        u = torch.linspace(0, 1, nodes, dtype=mu.dtype, device=mu.device)
+        ends = torch.ones_like(u)
+        ends[0] = ends[-1] = 0.5
+        conditional = torch.empty_like(m)  # E[log1p(scale x) | x >= exact_below]
+        step = max(1, 2**22 // nodes)  # elements per block: bounds each (elements, nodes) grid to ~16 MB
+        for i in range(0, len(m), step):
+            b = slice(i, i + step)
+            log_x = lo[b, None] + (hi[b, None] - lo[b, None]) * u
+            x, th_, m_ = log_x.exp(), th[b, None], m[b, None]
+            # log(x * pmf(x)) up to a constant per element (x: the Jacobian of the log grid)
+            log_w = torch.lgamma(x + th_) - torch.lgamma(x + 1) + x * (torch.log(m_) - torch.log(th_ + m_)) + log_x
+            w = ends * torch.exp(log_w - log_w.max(-1, keepdim=True).values)
+            conditional[b] = (w * torch.log1p(sc[b, None] * x)).sum(-1) / w.sum(-1)
+        out[tail] += (1 - mass[tail]) * conditional
     return keep * out
