@@ -2,8 +2,9 @@
 
 Writes
 
-- an ``.h5ad`` with ``X`` = posterior mean of log1p(counts per 10,000) and the layers ``sd``,
-  ``q05``, ``q50``, ``q95`` (same space) and ``counts_mean``
+- an ``.h5ad`` with ``X`` = the predictive mean of log1p(counts per 10,000), count noise
+  integrated out (:meth:`spartha_pyro.SPARTHA.predict_mean`), and the layers ``sd``, ``q05``,
+  ``q50``, ``q95`` (same space) and ``counts_mean`` of the draws
   (:func:`spartha_pyro.predictions.summarize_samples`);
 - a NetCDF file with every posterior predictive draw, dims ``(sample, spot, gene)``, for
   uncertainty analysis with xarray (:func:`spartha_pyro.predictions.write_samples`).
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     model = sp.SPARTHA.load(model_dir, device="cuda" if args.cuda else "cpu")
     samples = model.predict_expression(slide, num_samples=args.num_samples, artifact="pass", seed=args.seed)
     pred = summarize_samples(samples, obs=slide.obs, quantiles=(0.05, 0.5, 0.95))
+    pred.X = model.predict_mean(slide, num_samples=args.num_samples, artifact="pass", seed=args.seed).values
     if "spatial" in slide.obsm:
         pred.obsm["spatial"] = np.asarray(slide.obsm["spatial"])
 

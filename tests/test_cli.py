@@ -67,7 +67,12 @@ def test_predict_writes_layers_and_draws(pipeline: Path, capsys):
     assert "spatial" in pred.obsm
     draws = predictions.read_samples(pipeline / "draws.nc")
     assert draws.dims == ("sample", "spot", "gene") and draws.shape == (5, 60, 40)
-    np.testing.assert_allclose(pred.X, sp.metrics.normalize_log1p(draws.values).mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(pred.layers["draws_mean"], sp.metrics.normalize_log1p(draws.values).mean(0),
+                               rtol=1e-4, atol=1e-5)
+    # X is the API's point prediction: the count noise integrated out
+    adata = sp.datasets.load(pipeline / "prep.h5ad", kind="h5ad", sections=["slide2"])
+    point = sp.SPARTHA.load(pipeline / "model").predict_mean(adata, num_samples=5, artifact="pass")
+    np.testing.assert_allclose(pred.X, point.values, rtol=1e-5, atol=1e-6)
 
 
 def test_evaluate_writes_metrics(pipeline: Path):
@@ -150,7 +155,8 @@ def test_predict_samples_stream_as_the_api_writes_them(pipeline: Path, monkeypat
         xr.testing.assert_identical(cli, api)
     pred = ad.read_h5ad(d / "p2.h5ad")
     with xr.open_dataarray(d / "api.nc") as draws:
-        np.testing.assert_allclose(pred.X, sp.metrics.normalize_log1p(draws.values).mean(0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(pred.layers["draws_mean"], sp.metrics.normalize_log1p(draws.values).mean(0),
+                                   rtol=1e-4, atol=1e-5)
     assert main(["predict", str(d / "model"), str(d / "prep.h5ad"), "-o", str(d / "p3.h5ad"),
                  "--samples", str(d / "draws.zarr")]) == 2
 
