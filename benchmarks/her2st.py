@@ -141,14 +141,17 @@ EXTRA_METHODS = {
 #: ``SPARTHA.train(unimaged=...)`` of each extra method: the library default ``"auto"`` (the
 #: count-only spots are used only if the validation stage scores better with them) unless named here
 UNIMAGED = {"spartha_all_sections_always": "use"}
-METHODS = ("spartha", "spatialdiva", "histogene", "ridge", "mean", *EXTRA_METHODS)
+#: SPARTHA trained with the held-out section's histology as image-only spots (never its counts,
+#: QC flags or labels): the target slide's image is known at prediction time
+TRANSDUCTIVE = "spartha_transductive"
+METHODS = ("spartha", "spatialdiva", "histogene", "ridge", "mean", TRANSDUCTIVE, *EXTRA_METHODS)
 #: methods that generate counts (and so get QCPR and the QC fidelity score)
-GENERATIVE = ("spartha", "spatialdiva", *EXTRA_METHODS)
+GENERATIVE = ("spartha", "spatialdiva", TRANSDUCTIVE, *EXTRA_METHODS)
 #: QC references added whenever a generative method runs: the real held-out spots scored
 #: against their own MADs, and the training-mean profile with Poisson noise at each real spot's library
 QC_REFERENCES = ("observed", "constant")
 #: table rows; ``spartha_pass`` comes from the ``spartha`` model
-ROWS = ("spartha", "spartha_pass", *EXTRA_METHODS, "spatialdiva", "histogene", "ridge", "mean", *QC_REFERENCES)
+ROWS = ("spartha", "spartha_pass", TRANSDUCTIVE, *EXTRA_METHODS, "spatialdiva", "histogene", "ridge", "mean", *QC_REFERENCES)
 #: the row every other row is compared with in the paired statistics
 PAIRED_REFERENCE = "spartha"
 #: metrics compared between methods per section (the per-gene PCC on each panel and these QC scores)
@@ -180,7 +183,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loso", action="store_true", help="hold out each section in turn (train on the others)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument(
-        "--methods", nargs="+", choices=[*METHODS, *QC_REFERENCES], default=[m for m in METHODS if m not in EXTRA_METHODS],
+        "--methods", nargs="+", choices=[*METHODS, *QC_REFERENCES], default=[m for m in METHODS if m not in (*EXTRA_METHODS, TRANSDUCTIVE)],
         help="methods to run; the QC references (observed, constant) come with any generative method and may be asked alone",
     )
     p.add_argument(
@@ -451,20 +454,21 @@ def usable_labels(train: AnnData, keys) -> list[str]:
     return [k for k in keys if k in train.obs and train.obs[k].dropna().astype(str).nunique() >= 2]
 
 
-def train_spartha(method: str, train: AnnData, args, seed: int, validation: str | None, label_keys=None, epochs=None) -> sp.SPARTHA:
+def train_spartha(method: str, train: AnnData, args, seed: int, validation: str | None, label_keys=None, epochs=None,
+                  counts_key: str | None = None) -> sp.SPARTHA:
     """SPARTHA (``artifact_latent`` unless ``"spatialdiva"``) with ``label_keys`` (default
     ``--label-keys``: the usable columns, or ``auto``). ``validation="auto"``: the library's
     default (early stopping on the last training section, then a refit on all of them); a
     section: early-stopped on it, with ``--refit`` retrained on every training section for the
     chosen number of epochs; ``None``: trained on every training section for ``epochs``
-    (default ``--epochs``) epochs."""
+    (default ``--epochs``) epochs. ``counts_key``: as in :class:`~spartha_pyro.SPARTHA`."""
     keys = args.label_keys if label_keys is None else label_keys
     label_keys = "auto" if list(keys) == ["auto"] else usable_labels(train, keys)
 
     def fit(validation_sections, epochs):
         model = sp.SPARTHA(
             train, histology_key="histology", label_keys=label_keys, batch_key="slide",
-            qc_key="qc_pass", artifact_latent=method != "spatialdiva", **args.model_kwargs,
+            qc_key="qc_pass", artifact_latent=method != "spatialdiva", counts_key=counts_key, **args.model_kwargs,
         )
         model.train(
             max_epochs=epochs, batch_size=args.batch_size, validation=validation_sections,
@@ -569,6 +573,20 @@ def with_extra_sections(train: AnnData, extra: AnnData) -> AnnData:
     return combined
 
 
+def with_target_histology(train: AnnData, target: AnnData) -> AnnData:
+    """The training spots and the held-out section's spots as image-only spots (``has_counts``
+    False; no QC flag, no label: only ``obs["slide"]`` and ``obsm["histology"]`` are taken)."""
+    train = train.copy()
+    qc = train.obs["qc_pass"]
+    train.obs["qc_pass"] = qc.map({True: "pass", False: "fail"}) if pd.api.types.is_bool_dtype(qc) else qc
+    spots = AnnData(obs=pd.DataFrame({"slide": target.obs["slide"].astype(str)}, index=target.obs_names),
+                    obsm={"histology": np.asarray(target.obsm["histology"])})
+    combined = sp.pp.combine_sections({"train": train, "target": spots}, histology_key="histology", batch_key="part",
+                                      counts_key="has_counts")
+    combined.obs["slide"] = combined.obs["slide"].astype(str).astype("category")
+    return combined
+
+
 def run_method(method, train, test, panels, args, seed, validation, extra=None):
     """Predictions for ``test`` from its histology alone: ``{row: (log1p-normalised
     prediction (spots × genes), genes, sampled counts or None, calibration draws or None)}``,
@@ -591,6 +609,10 @@ def run_method(method, train, test, panels, args, seed, validation, extra=None):
         return {method: (model.predict(test_hist, coord_key=("array_x", "array_y")), train.var_names, None, None)}, None, {}
     if args.pca:
         train, test_hist = pca_histology(train, test_hist, args.pca)
+    if method == TRANSDUCTIVE:
+        model = train_spartha(method, with_target_histology(modelled_genes(train, panels, args.train_genes), test_hist),
+                              args, seed, validation, counts_key="has_counts")
+        return {method: posterior_predictive(model, test_hist, "posterior", args, seed)}, None, chosen(model)
     if method in EXTRA_METHODS:
         if extra is None:
             raise sp.InputError(f"{method} needs --extra-sections")

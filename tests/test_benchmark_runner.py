@@ -96,6 +96,17 @@ def test_also_sampled_scores_the_other_point_statistic_of_the_same_model(bench, 
     assert np.isfinite([expected, sampled]).all() and expected != sampled
 
 
+def test_transductive_training_sees_the_target_histology_and_nothing_else(bench, sections):
+    adata, _ = sections
+    train, test = adata[adata.obs["slide"] != "slide3"].copy(), adata[adata.obs["slide"] == "slide3"].copy()
+    combined = bench.with_target_histology(train, test)
+    target = (combined.obs["slide"] == "slide3").to_numpy()
+    assert target.sum() == test.n_obs and not combined.obs["has_counts"][target].any()
+    assert combined[target].X.sum() == 0 and combined.obs.loc[target, ["qc_pass", "cluster"]].isna().all().all()
+    np.testing.assert_array_equal(combined.obsm["histology"][target], test.obsm["histology"])
+    assert combined.obs["has_counts"][~target].all() and set(combined.obs.loc[~target, "qc_pass"]) <= {"pass", "fail"}
+
+
 def test_n_jobs(bench):
     assert bench.n_jobs(0, "cpu", 100) >= 1
     assert bench.n_jobs(0, "cuda", 100) == 1
