@@ -4,7 +4,10 @@ Methods: ``spartha`` (SPARTHA, point metrics from ``artifact="posterior"``),
 ``spartha_pass`` (the same trained model generating artifact-free spots,
 ``artifact="pass"``), ``spatialdiva`` (SPARTHA without Z_r), ``histogene``, ``ridge``,
 ``mean``. Each is trained on the training sections and predicts each held-out section from
-histology alone (an AnnData with no genes and only ``obsm["histology"]``).
+histology alone (an AnnData with no genes and only ``obsm["histology"]``). Opt-in:
+``spartha_transductive`` (SPARTHA also trained on the held-out section's histology as
+image-only spots: never its counts, QC flags or labels) and, with ``--also-sampled``, the row
+``spartha_sampled`` (the ``spartha`` model's point prediction from sampled counts).
 
 Data: any folder in the her2st/legacy-ST layout (``counts/<S>.tsv.gz``,
 ``spots/<S>_selection.tsv``, ``images/<S>.jpg``; any organism's gene names), or a prepared
