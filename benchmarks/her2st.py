@@ -520,11 +520,17 @@ def posterior_predictive(model: sp.SPARTHA, adata: AnnData, artifact: str, args,
             means[start:stop] = model.predict_expression(
                 adata, num_samples=n, artifact=artifact, value="mean", seed=seed * 1000 + chunk
             ).values[: stop - start]
-    point = model.predict_mean(adata, num_samples=args.num_samples, artifact=artifact, counts=args.point_counts,
-                               seed=seed * 1000, chunk=args.sample_chunk).values
-    genes = list(first["gene"].values)
-    keep = [i for i, g in enumerate(genes) if g != REST]
-    return point[:, keep], [genes[i] for i in keep], first, (kept, means, model.dispersion)
+    return (*point_prediction(model, adata, artifact, args.point_counts, args, seed), first,
+            (kept, means, model.dispersion))
+
+
+def point_prediction(model: sp.SPARTHA, adata: AnnData, artifact: str, counts: str, args, seed: int):
+    """``(predict_mean over args.num_samples draws (spots × genes), genes)``, seed ``seed * 1000``,
+    normalised over every modelled column and ``__rest__`` then dropped."""
+    point = model.predict_mean(adata, num_samples=args.num_samples, artifact=artifact, counts=counts,
+                               seed=seed * 1000, chunk=args.sample_chunk)
+    keep = (point["gene"] != REST).values
+    return point.values[:, keep], list(point["gene"].values[keep])
 
 
 def nb_baseline(predictor, train: AnnData, test_hist: AnnData, args, seed: int):
@@ -570,7 +576,12 @@ def probe(model: sp.SPARTHA, seed: int) -> xr.DataArray:
 def with_extra_sections(train: AnnData, extra: AnnData) -> AnnData:
     """The imaged training spots and the count-only spots as one AnnData (histology NaN where
     there is no image), via :func:`spartha_pyro.pp.combine_sections`."""
-    parts = {"imaged": train, "extra": extra}
+    return combine_parts({"imaged": train, "extra": extra})
+
+
+def combine_parts(parts: dict[str, AnnData]) -> AnnData:
+    """``parts`` stacked by :func:`spartha_pyro.pp.combine_sections` (``obs["has_counts"]``,
+    histology NaN where missing), each spot keeping its ``obs["slide"]`` as a category."""
     combined = sp.pp.combine_sections(parts, histology_key="histology", batch_key="part", counts_key="has_counts")
     combined.obs["slide"] = combined.obs["slide"].astype(str).astype("category")
     return combined
@@ -584,10 +595,7 @@ def with_target_histology(train: AnnData, target: AnnData) -> AnnData:
     train.obs["qc_pass"] = qc.map({True: "pass", False: "fail"}) if pd.api.types.is_bool_dtype(qc) else qc
     spots = AnnData(obs=pd.DataFrame({"slide": target.obs["slide"].astype(str)}, index=target.obs_names),
                     obsm={"histology": np.asarray(target.obsm["histology"])})
-    combined = sp.pp.combine_sections({"train": train, "target": spots}, histology_key="histology", batch_key="part",
-                                      counts_key="has_counts")
-    combined.obs["slide"] = combined.obs["slide"].astype(str).astype("category")
-    return combined
+    return combine_parts({"train": train, "target": spots})
 
 
 def run_method(method, train, test, panels, args, seed, validation, extra=None):
@@ -627,10 +635,7 @@ def run_method(method, train, test, panels, args, seed, validation, extra=None):
     out = {row: posterior_predictive(model, test_hist, artifact, args, seed) for row, artifact in modes.items()}
     if method == "spartha" and args.also_sampled:  # the other point statistic of the same model
         other = "sampled" if args.point_counts == "expected" else "expected"
-        point = model.predict_mean(test_hist, num_samples=args.num_samples, counts=other, seed=seed * 1000,
-                                   chunk=args.sample_chunk)
-        keep = (point["gene"] != REST).values
-        out[f"spartha_{other}"] = (point.values[:, keep], list(point["gene"].values[keep]), None, None)
+        out[f"spartha_{other}"] = (*point_prediction(model, test_hist, "posterior", other, args, seed), None, None)
     return out, probe(model, seed) if method == "spartha" else None, chosen(model)
 
 
