@@ -60,6 +60,17 @@ def _none_or_str(value: str) -> str | None:
     return None if value.lower() == "none" else value
 
 
+def linear_path_setting(value: str) -> str | float | None:
+    """A command-line ``--linear-path``: ``"auto"``, ``"none"`` (``None``) or a share in [0, 1]
+    (``ValueError`` otherwise, which argparse reports as an invalid value)."""
+    if value.lower() in ("auto", "none"):
+        return None if value.lower() == "none" else "auto"
+    share = float(value)
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"a linear share must be in [0, 1], got {share}")
+    return share
+
+
 def _validation(values: Sequence[str] | None) -> float | list[str] | str | None:
     """``["0.1"]`` -> 0.1 (a random fraction); ``["auto"]`` -> "auto"; ``["none"]`` -> None;
     section names -> the list."""
@@ -131,6 +142,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
         precision=args.precision, refit=args.refit, monitor=args.monitor, min_epochs=args.min_epochs,
         unimaged=args.unimaged, max_unimaged_share=args.max_unimaged_share, label_sets=args.label_sets,
+        linear_path=args.linear_path,
     )
     model.save(args.out, overwrite=args.overwrite)
     print(f"{_trained(history)} (final loss {history[-1]['loss']:.4f}); saved to {args.out}")
@@ -326,6 +338,9 @@ def _add_train(sub) -> None:
     g.add_argument("--label-sets", default="auto", choices=["auto", "all"],
                    help="with two or more --label-keys: leave out those whose absence validates at least as well "
                         "(auto, default; backward elimination, one validation stage per label set and round), or keep all")
+    g.add_argument("--linear-path", type=linear_path_setting, default="auto",
+                   help="share of the linear histology path (a ridge probe) in predictions: auto (default: chosen "
+                        "on the validation spots, 0 to 1 in steps of 0.1), none, or a share in [0, 1]")
     g.add_argument("--max-unimaged-share", type=float, default=0.5,
                    help="most of each minibatch given to spots without histology (an epoch is a pass over the imaged "
                         "spots); 1: every spot once per epoch")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import warnings
@@ -19,7 +20,9 @@ from ._errors import InputError
 from .config import ModelConfig
 from .io.write import atomic_path
 from .data import QC_CODES, Registry, SpotArrays, add_label_set, class_counts, encode_adata, setup_anndata
+from .linear_path import LinearPath, choose_share, fit_linear_path, subsample
 from .loaders import iterate_minibatches, minibatch
+from .metrics import normalize_log1p
 from .models.likelihoods import expected_log1p_normalised
 from .module import SparthaModule
 from .recipe import check_recipe, read_recipe
@@ -29,6 +32,7 @@ from .train import (
 )
 
 FORMAT_VERSION = 1
+LINEAR_PATH_FILE = "linear_path.npz"
 LATENTS = ("y", "d", "r", "x")
 
 
@@ -130,6 +134,8 @@ class SPARTHA:
         self.selection: dict | None = None
         self.device = torch.device("cpu")
         self.is_trained = False
+        #: the linear histology path blended into ``predict_mean`` (see ``train(linear_path=)``)
+        self.linear_path: LinearPath | None = None
 
     # ------------------------------------------------------------------ building
     def _register(self, adata: AnnData) -> None:
@@ -220,6 +226,7 @@ class SPARTHA:
         max_unimaged_share: float = 0.5,
         unimaged: str = "auto",
         label_sets: str = "auto",
+        linear_path: str | float | None = "auto",
     ) -> list[dict]:
         """Fit by minibatch SVI (ClippedAdam) on the training AnnData.
 
@@ -319,6 +326,16 @@ class SPARTHA:
             with the rest; ``self.selection["label_sets"]`` records each combination's score
             (printed). A left-out label set leaves no trace (the model is the one built without
             it). Costs one validation stage per label set and round. ``"all"``: keep every one.
+        linear_path
+            The linear histology path blended into :meth:`predict_mean` (see
+            :mod:`spartha_pyro.linear_path`): a ridge probe from the model's standardised
+            histology to log1p(counts per 10,000), fit on the spots the final model is trained
+            on. ``"auto"`` (default): with validation, its share ``s`` (0, 0.1, …, 1) is the one
+            whose blend with the validation-stage model predicts the validation spots best
+            (mean per-gene PCC; ``self.selection["linear_path"]`` records every share's score,
+            printed); without validation, or with a ``gene_mask_key`` (the probe would read
+            unmeasured genes as zeros), no linear path. A float in [0, 1]: that share.
+            ``None``: none. The fitted path is ``self.linear_path`` (saved with the model).
 
         Under ``torch.distributed`` (e.g. ``torchrun`` + ``init_process_group``) every rank
         trains on a disjoint shard of the minibatches with averaged gradients; see
@@ -330,6 +347,9 @@ class SPARTHA:
         """
         if max_epochs < 1 or batch_size < 1:
             raise InputError("max_epochs and batch_size must be positive")
+        if not (linear_path is None or linear_path == "auto"
+                or (isinstance(linear_path, (int, float)) and not isinstance(linear_path, bool) and 0 <= linear_path <= 1)):
+            raise InputError(f"linear_path must be 'auto', None or a share in [0, 1], got {linear_path!r}")
         if unimaged not in ("auto", "use", "ignore"):
             raise InputError(f"unimaged must be 'auto', 'use' or 'ignore', got {unimaged!r}")
         if label_sets not in ("auto", "all"):
@@ -405,6 +425,13 @@ class SPARTHA:
         if label_scores is not None:
             self.selection["label_sets"] = label_sets_summary(given, keys, label_scores, monitor)
             self.selection["message"] += "; " + self.selection["label_sets"]["message"]
+        share = linear_path
+        if linear_path == "auto":
+            share = None
+            if val_idx is not None and world["registry"].gene_mask_key is None:
+                share, summary = self._choose_linear_share(world, seed)
+                self.selection["linear_path"] = summary
+                self.selection["message"] += "; " + summary["message"]
         if val_idx is not None and progress:
             print(self.selection["message"])
         if refit:
@@ -416,9 +443,41 @@ class SPARTHA:
                 {**h, "stage": "refit"}
                 for h in fit(self.module, self._data, np.arange(self._data.n), None, config, self.device, jit=jit)
             ]
+        self.linear_path = None
+        if share:  # fit on the spots the final model was trained on
+            final = np.arange(self._data.n) if refit or val_idx is None else world["train_idx"]
+            self.linear_path = self._fit_linear_path(final, float(share), seed)
+            if linear_path == "auto":
+                self.linear_path.scores = {float(k): v for k, v in self.selection["linear_path"]["scores"].items()}
         self.history += history
         self.is_trained = True
         return self.history
+
+    def _fit_linear_path(self, idx: np.ndarray, share: float, seed: int) -> LinearPath:
+        """The ridge probe fit on the training spots ``idx`` that have counts and histology."""
+        data = self._data
+        idx = subsample(idx[data.has_counts[idx] & data.has_histology[idx]], len(self.registry.genes), seed)
+        if len(idx) < 2:
+            raise InputError("linear_path needs at least two training spots with counts and histology")
+        return fit_linear_path(data.x_h[idx], data.counts[idx], data.batch[idx], share, seed)
+
+    def _choose_linear_share(self, world: dict, seed: int) -> tuple[float, dict]:
+        """Choose the linear share on the validation spots of ``world``, with ``self.module``
+        (the validation-stage model) and a probe fit on the world's training spots:
+        ``(share, summary)``."""
+        data, val = self._data, world["val_idx"]
+        val = val[data.has_counts[val] & data.has_histology[val]]
+        path = self._fit_linear_path(world["train_idx"], 0.0, seed)
+        spots = dataclasses.replace(
+            data, obs_names=data.obs_names[val], counts=None, count_mask=None, x_h=data.x_h[val],
+            has_histology=data.has_histology[val], labels=data.labels[val], batch=data.batch[val], qc=data.qc[val],
+        )
+        model_pred = self._model_mean(spots, 100, "posterior", "expected", 256, seed, 25)
+        observed = normalize_log1p(data.counts[val])
+        share, scores = choose_share(model_pred, path.predict(spots.x_h), observed)
+        message = (f"linear histology path: share {share:g} (validation per-gene PCC {scores[share]:.4f}; "
+                   f"model alone {scores[0.0]:.4f}, probe alone {scores[1.0]:.4f})")
+        return share, {"share": share, "scores": {str(k): v for k, v in scores.items()}, "message": message}
 
     def _validation_stage(self, world: dict, config: TrainConfig, jit: bool, refit: bool, fresh: bool) -> tuple:
         """Train in ``world`` (see :meth:`_world`) on its training spots, early-stopped on its
@@ -726,9 +785,11 @@ class SPARTHA:
         batch_size: int = 256,
         seed: int = 0,
         chunk: int = 25,
+        linear_path: bool = True,
     ) -> xr.DataArray:
         """Point prediction from histology alone: the posterior-predictive mean of
-        ``log1p(counts per 10,000)``, the space the field's metrics score.
+        ``log1p(counts per 10,000)``, the space the field's metrics score, blended with the
+        model's linear histology path when it has one (:mod:`spartha_pyro.linear_path`).
 
         Averaged over ``num_samples`` draws of the latents and library from ``q(Z | X_h)``
         (see :meth:`predict_expression`), ``chunk`` draws at a time, so memory is
@@ -756,6 +817,12 @@ class SPARTHA:
             their realised total.
         batch_size, seed, chunk
             Spots per minibatch, seed of the draws, draws per chunk.
+        linear_path
+            With ``artifact="posterior"`` and a model trained with a linear path
+            (``self.linear_path``, see :meth:`train`): ``(1 - s) * model + s * probe``, ``s``
+            the share chosen on the validation spots. ``False``, ``artifact="pass"`` (the
+            probe learned measured, artifact-laden spots) or no linear path: the model's own
+            prediction. The share used is in ``attrs["linear_share"]``.
 
         Returns
         -------
@@ -766,6 +833,22 @@ class SPARTHA:
         if counts not in ("expected", "sampled"):
             raise InputError(f"counts must be 'expected' or 'sampled', got {counts!r}")
         data = self._encode_histology(adata, artifact)
+        out = self._model_mean(data, num_samples, artifact, counts, batch_size, seed, chunk)
+        share = 0.0
+        if linear_path and artifact == "posterior" and self.linear_path is not None:
+            out, share = self.linear_path.blend(out, data.x_h), self.linear_path.share
+        return xr.DataArray(
+            out, dims=("spot", "gene"), coords={"spot": np.asarray(adata.obs_names), "gene": self.registry.genes},
+            name="log1p_normalised",
+            attrs={"artifact": artifact, "counts": counts, "num_samples": num_samples, "seed": seed,
+                   "linear_share": share},
+        )
+
+    @pyro.settings.context(module_local_params=True)
+    @torch.no_grad()
+    def _model_mean(self, data: SpotArrays, num_samples: int, artifact: str, counts: str, batch_size: int, seed: int,
+                    chunk: int) -> np.ndarray:
+        """The model's own part of :meth:`predict_mean` for encoded spots, float32 ``(n, G)``."""
         zinb = self.config.likelihood == "zinb"
         sites = ["x_t"] if counts == "sampled" else ["mu", "zi_logits"] if zinb else ["mu"]
         theta = self.module.model.log_theta.detach().to(self.device).exp()
@@ -777,11 +860,7 @@ class SPARTHA:
             else:
                 norm = expected_log1p_normalised(draws["mu"].float(), theta, draws.get("zi_logits"))
             out[b[0] : b[-1] + 1] += norm.sum(0).cpu().numpy() / num_samples
-        return xr.DataArray(
-            out, dims=("spot", "gene"), coords={"spot": np.asarray(adata.obs_names), "gene": self.registry.genes},
-            name="log1p_normalised",
-            attrs={"artifact": artifact, "counts": counts, "num_samples": num_samples, "seed": seed},
-        )
+        return out
 
     def export_posterior(
         self,
@@ -856,7 +935,8 @@ class SPARTHA:
 
     # ------------------------------------------------------------------ save / load
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
-        """Write ``path/model.pt`` (weights) and ``path/settings.json`` (registry, settings, version).
+        """Write ``path/model.pt`` (weights), ``path/settings.json`` (registry, settings, version)
+        and, when the model has a linear path, ``path/linear_path.npz`` (the probe's arrays).
 
         Each file is written under a temporary name in the same folder, then renamed.
         """
@@ -876,10 +956,16 @@ class SPARTHA:
             "is_trained": self.is_trained,
             "history": self.history,
             "selection": self.selection,
+            "linear_path": None if self.linear_path is None else self.linear_path.summary(),
             "auto_labels": self.auto_labels,
         }
         with atomic_path(path / "model.pt") as tmp:
             torch.save(self.module.state_dict(), tmp)
+        if self.linear_path is not None:
+            with atomic_path(path / LINEAR_PATH_FILE) as tmp:
+                self.linear_path.save(tmp)
+        else:
+            (path / LINEAR_PATH_FILE).unlink(missing_ok=True)
         with atomic_path(path / "settings.json") as tmp:
             tmp.write_text(json.dumps(settings, indent=1))
 
@@ -941,6 +1027,12 @@ class SPARTHA:
         self.module.eval()
         self.history = settings.get("history", [])
         self.selection = settings.get("selection")
+        self.linear_path = None
+        if settings.get("linear_path") is not None:
+            try:
+                self.linear_path = LinearPath.load(path / LINEAR_PATH_FILE, settings["linear_path"])
+            except (OSError, KeyError, ValueError) as err:
+                raise InputError(f"{path / LINEAR_PATH_FILE} (the model's linear path) cannot be read: {err}") from None
         self.auto_labels = settings.get("auto_labels")
         self.is_trained = settings.get("is_trained", True)
         self.device = resolve_device(device)
