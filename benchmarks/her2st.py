@@ -6,8 +6,10 @@ Methods: ``spartha`` (SPARTHA, point metrics from ``artifact="posterior"``),
 ``mean``. Each is trained on the training sections and predicts each held-out section from
 histology alone (an AnnData with no genes and only ``obsm["histology"]``). Opt-in:
 ``spartha_transductive`` (SPARTHA also trained on the held-out section's histology as
-image-only spots: never its counts, QC flags or labels) and, with ``--also-sampled``, the row
-``spartha_sampled`` (the ``spartha`` model's point prediction from sampled counts).
+image-only spots: never its counts, QC flags or labels), with ``--also-sampled`` the row
+``spartha_sampled`` (the ``spartha`` model's point prediction from sampled counts) and, with
+``--also-model-only``, the rows ``spartha_model_only`` / ``spatialdiva_model_only`` (the same
+models' point predictions without their linear histology path, ``predict_mean(linear_path=False)``).
 
 Data: any folder in the her2st/legacy-ST layout (``counts/<S>.tsv.gz``,
 ``spots/<S>_selection.tsv``, ``images/<S>.jpg``; any organism's gene names), or a prepared
@@ -132,6 +134,7 @@ from spartha_pyro.metrics import (  # noqa: E402
 )
 from spartha_pyro.pp.qc import mito_mask  # noqa: E402
 from spartha_pyro.pp.patches import iter_patches  # noqa: E402
+from spartha_pyro.cli import linear_path_setting  # noqa: E402
 from spartha_pyro.train import resolve_device  # noqa: E402
 
 #: SPARTHA trained with the count-only ``--extra-sections`` too, with the cluster labels or with
@@ -154,7 +157,7 @@ GENERATIVE = ("spartha", "spatialdiva", TRANSDUCTIVE, *EXTRA_METHODS)
 #: against their own MADs, and the training-mean profile with Poisson noise at each real spot's library
 QC_REFERENCES = ("observed", "constant")
 #: table rows; ``spartha_pass`` comes from the ``spartha`` model
-ROWS = ("spartha", "spartha_pass", TRANSDUCTIVE, *EXTRA_METHODS, "spatialdiva", "histogene", "ridge", "mean", *QC_REFERENCES)
+ROWS = ("spartha", "spartha_model_only", "spartha_pass", TRANSDUCTIVE, *EXTRA_METHODS, "spatialdiva", "spatialdiva_model_only", "histogene", "ridge", "mean", *QC_REFERENCES)
 #: the row every other row is compared with in the paired statistics
 PAIRED_REFERENCE = "spartha"
 #: metrics compared between methods per section (the per-gene PCC on each panel and these QC scores)
@@ -215,6 +218,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="point prediction: count noise integrated out (expected) or sampled (SPARTHA.predict_mean counts=)")
     p.add_argument("--also-sampled", action="store_true",
                    help="add the row spartha_sampled (or spartha_expected): the other --point-counts statistic of the same model")
+    p.add_argument("--also-model-only", action="store_true",
+                   help="add the rows spartha_model_only / spatialdiva_model_only: the same models without their linear path")
+    p.add_argument("--linear-path", type=linear_path_setting, default="auto",
+                   help="SPARTHA.train(linear_path=): auto (library default: share chosen on the validation section), "
+                        "none, or a share in [0, 1]")
     p.add_argument(
         "--nb-library", choices=["auto", "histology", "train_median"], default="auto",
         help="library of the NB around ridge and the mean: predicted from histology, the training median, or "
@@ -476,7 +484,7 @@ def train_spartha(method: str, train: AnnData, args, seed: int, validation: str 
         model.train(
             max_epochs=epochs, batch_size=args.batch_size, validation=validation_sections,
             patience=args.patience, seed=seed, progress=False, device=args.device, unimaged=UNIMAGED.get(method, "auto"),
-            label_sets=args.label_sets,
+            label_sets=args.label_sets, linear_path=args.linear_path,
         )
         return model
 
@@ -524,11 +532,12 @@ def posterior_predictive(model: sp.SPARTHA, adata: AnnData, artifact: str, args,
             (kept, means, model.dispersion))
 
 
-def point_prediction(model: sp.SPARTHA, adata: AnnData, artifact: str, counts: str, args, seed: int):
+def point_prediction(model: sp.SPARTHA, adata: AnnData, artifact: str, counts: str, args, seed: int,
+                     linear_path: bool = True):
     """``(predict_mean over args.num_samples draws (spots × genes), genes)``, seed ``seed * 1000``,
     normalised over every modelled column and ``__rest__`` then dropped."""
     point = model.predict_mean(adata, num_samples=args.num_samples, artifact=artifact, counts=counts,
-                               seed=seed * 1000, chunk=args.sample_chunk)
+                               seed=seed * 1000, chunk=args.sample_chunk, linear_path=linear_path)
     keep = (point["gene"] != REST).values
     return point.values[:, keep], list(point["gene"].values[keep])
 
@@ -636,6 +645,9 @@ def run_method(method, train, test, panels, args, seed, validation, extra=None):
     if method == "spartha" and args.also_sampled:  # the other point statistic of the same model
         other = "sampled" if args.point_counts == "expected" else "expected"
         out[f"spartha_{other}"] = (*point_prediction(model, test_hist, "posterior", other, args, seed), None, None)
+    if args.also_model_only and model.linear_path is not None:  # the same model without its linear path
+        out[f"{method}_model_only"] = (*point_prediction(model, test_hist, "posterior", args.point_counts, args, seed,
+                                                         linear_path=False), None, None)
     return out, probe(model, seed) if method == "spartha" else None, chosen(model)
 
 
@@ -643,9 +655,13 @@ def chosen(model: sp.SPARTHA) -> dict[str, float]:
     """What the validation stage chose: ``epochs`` and ``val_pcc_gene``, and with spots without
     histology ``unimaged_used`` (1/0) and their validation scores ``unimaged_score_use`` /
     ``unimaged_score_ignore``, with several label sets ``label_sets_left_out`` (how many) and
-    ``label_sets_score_<a+b>`` per combination tried (empty without validation)."""
+    ``label_sets_score_<a+b>`` per combination tried, and ``linear_share`` with the validation
+score of each share tried, ``linear_score_<share>`` (empty without validation)."""
     selection = model.selection or {}
     out = {k: float(v) for k, v in selection.items() if k in ("epochs", "val_pcc_gene") and v is not None}
+    if "linear_path" in selection:
+        out["linear_share"] = float(selection["linear_path"]["share"])
+        out.update({f"linear_score_{k}": float(v) for k, v in selection["linear_path"]["scores"].items()})
     if "unimaged" in selection:
         out["unimaged_used"] = float(selection["unimaged"]["used"])
         out.update({f"unimaged_score_{k}": float(v) for k, v in selection["unimaged"]["scores"].items()})

@@ -57,6 +57,34 @@ def compare(df: pd.DataFrame, a: str, bs: list[str], metric: str) -> list[dict]:
     return out
 
 
+def plot(rows: list[dict], path: str) -> None:
+    """Per-section scores of ``a`` and every ``b``, one panel per gene panel (a PNG at ``path``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({r["panel"] for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        here = [r for r in rows if r["panel"] == panel]
+        series = {here[0]["a"]: dict(zip(here[0]["sections"], here[0]["a_values"]))}
+        series.update({r["b"]: dict(zip(r["sections"], r["b_values"])) for r in here})
+        sections = sorted({s for v in series.values() for s in v})
+        for k, (method, values) in enumerate(series.items()):
+            x = [sections.index(s) for s in values]
+            ax.plot(x, list(values.values()), marker="o", lw=2.5 if k == 0 else 1, label=method, zorder=3 if k == 0 else 2)
+        ax.set_xticks(range(len(sections)), sections)
+        ax.set_title(panel)
+        ax.set_xlabel("held-out section")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(rows[0]["metric"])
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+")
@@ -67,6 +95,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="only these seeds (default: all), e.g. to pair runs made with the same seeds")
     p.add_argument("--out", help="write the comparison records (JSON) here")
+    p.add_argument("--plot", help="write a PNG of every method's per-section scores here")
     args = p.parse_args(argv)
     rename = dict(r.split("=", 1) for r in args.rename)
     rows = compare(load(args.files, rename, args.seeds), args.a, args.b, args.metric)
@@ -77,6 +106,8 @@ def main(argv=None) -> list[dict]:
     if args.out:
         Path(args.out).write_text(json.dumps({"made_by": "python benchmarks/paired.py " + " ".join(argv or sys.argv[1:]),
                                               "comparisons": rows}, indent=1))
+    if args.plot and rows:
+        plot(rows, args.plot)
     return rows
 
 

@@ -123,12 +123,14 @@ def test_chosen_records_what_the_validation_stage_decided(bench):
         "epochs": 23, "val_pcc_gene": 0.05, "message": "…",
         "unimaged": {"used": False, "scores": {"ignore": 0.055, "use": 0.054}},
         "label_sets": {"used": ["cluster"], "left_out": ["pathology"], "scores": {"cluster+pathology": 0.05, "cluster": 0.06, "pathology": 0.04}},
+        "linear_path": {"share": 0.5, "scores": {"0.0": 0.05, "0.5": 0.07, "1.0": 0.06}, "message": "…"},
     }
     out = bench.chosen(SimpleNamespace(selection=selection))
     assert out == {
         "epochs": 23.0, "val_pcc_gene": 0.05, "unimaged_used": 0.0, "unimaged_score_ignore": 0.055,
         "unimaged_score_use": 0.054, "label_sets_left_out": 1.0, "label_sets_score_cluster+pathology": 0.05,
         "label_sets_score_cluster": 0.06, "label_sets_score_pathology": 0.04,
+        "linear_share": 0.5, "linear_score_0.0": 0.05, "linear_score_0.5": 0.07, "linear_score_1.0": 0.06,
     }
     assert bench.chosen(SimpleNamespace(selection=None)) == {}
 
@@ -146,3 +148,5 @@ def test_paired_pairs_only_the_seeds_asked_for(tmp_path):
     f.write_text(json.dumps(records))
     assert paired.main([str(f), "--a", "a", "--b", "b"])[0]["diffs"] == pytest.approx([0.3, 0.3])  # a over both seeds
     assert paired.main([str(f), "--a", "a", "--b", "b", "--seeds", "0"])[0]["diffs"] == pytest.approx([0.1, 0.1])
+    paired.main([str(f), "--a", "a", "--b", "b", "--plot", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").stat().st_size > 0
