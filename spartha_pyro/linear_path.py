@@ -23,9 +23,6 @@ import numpy as np
 import scipy.sparse as sps
 from anndata import AnnData
 
-from .baselines import RidgePredictor
-from .metrics import pcc_gene
-
 #: shares of the linear path tried on the validation spots
 SHARES = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
 #: largest spots × genes target matrix the probe is fit on (float64: 800 MB); see :func:`subsample`
@@ -104,6 +101,8 @@ def fit_linear_path(x_h: np.ndarray, counts, batch: np.ndarray, share: float, se
     seed
         Seed of the folds.
     """
+    from .baselines.ridge import RidgePredictor  # lazy: the baselines load scanpy and the image stack
+
     groups = batch.astype(str)
     grouped = len(np.unique(groups)) >= 2
     adata = AnnData(X=sps.csr_matrix(counts), obsm={"x_h": np.asarray(x_h, np.float64)})
@@ -118,6 +117,8 @@ def choose_share(model_pred: np.ndarray, linear_pred: np.ndarray, observed: np.n
     """The share in :data:`SHARES` whose blend has the highest mean per-gene PCC against
     ``observed`` (log1p-normalised, ``(n, G)``); ties keep the smaller share. Returns
     ``(share, {share: score})``."""
+    from .metrics.regression import pcc_gene  # lazy: the metrics package loads scanpy and the image stack
+
     scores = {float(s): float(pcc_gene((1.0 - s) * model_pred + s * linear_pred, observed)) for s in SHARES}
     finite = {s: v for s, v in scores.items() if np.isfinite(v)}
     best = max(finite, key=lambda s: (finite[s], -s)) if finite else 0.0

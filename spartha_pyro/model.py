@@ -22,7 +22,6 @@ from .io.write import atomic_path
 from .data import QC_CODES, Registry, SpotArrays, add_label_set, class_counts, encode_adata, setup_anndata
 from .linear_path import LinearPath, choose_share, fit_linear_path, subsample
 from .loaders import iterate_minibatches, minibatch
-from .metrics import normalize_log1p
 from .models.likelihoods import expected_log1p_normalised
 from .module import SparthaModule
 from .recipe import check_recipe, read_recipe
@@ -465,6 +464,8 @@ class SPARTHA:
         """Choose the linear share on the validation spots of ``world``, with ``self.module``
         (the validation-stage model) and a probe fit on the world's training spots:
         ``(share, summary)``."""
+        from .metrics.normalize import normalize_log1p  # lazy: the metrics package loads scanpy and the image stack
+
         data, val = self._data, world["val_idx"]
         val = val[data.has_counts[val] & data.has_histology[val]]
         path = self._fit_linear_path(world["train_idx"], 0.0, seed)
