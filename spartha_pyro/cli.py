@@ -183,16 +183,19 @@ def cmd_predict(args: argparse.Namespace) -> None:
     # the point prediction integrates the count noise out (SPARTHA.predict_mean), which a mean of
     # a few normalised count draws only approaches; that mean is kept as a layer
     out.layers["draws_mean"] = out.X
-    out.X = model.predict_mean(adata, num_samples=args.num_samples, artifact=args.artifact,
-                               batch_size=args.batch_size, seed=args.seed).values
+    point = model.predict_mean(adata, num_samples=args.num_samples, artifact=args.artifact,
+                               batch_size=args.batch_size, seed=args.seed, linear_path=args.linear_path)
+    out.X, share = point.values, point.attrs["linear_share"]
+    out.uns["linear_share"] = share
     for key in ("spatial", model.registry.histology_key):
         if key in adata.obsm:
             out.obsm[key] = np.asarray(adata.obsm[key])
     if "spatial" in adata.uns:
         out.uns["spatial"] = adata.uns["spatial"]
     io.write_h5ad(out, args.out)
-    print(f"wrote {args.out}: X = predictive mean of log1p(counts per 10k), count noise integrated out; "
-          f"layers {list(out.layers)} (summaries of the draws)")
+    blend = f", blended with the linear histology path (share {share:g})" if share else ""
+    print(f"wrote {args.out}: X = predictive mean of log1p(counts per 10k), count noise integrated out{blend}; "
+          f"layers {list(out.layers)} (summaries of the model's own draws)")
 
 
 def cmd_predict_image(args: argparse.Namespace) -> None:
@@ -405,6 +408,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="spots per prediction batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda…")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    p.add_argument("--linear-path", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --artifact posterior, blend the model's linear histology path into X (its share is "
+                        "uns['linear_share']); the draws' layers are always the model's own")
     _common(p)
     p.set_defaults(func=cmd_predict)
 

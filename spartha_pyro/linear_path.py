@@ -25,7 +25,8 @@ from anndata import AnnData
 
 #: shares of the linear path tried on the validation spots
 SHARES = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
-#: largest spots × genes target matrix the probe is fit on (float64: 800 MB); see :func:`subsample`
+#: largest spots × genes target matrix the probe is fit on or scored on (800 MB as float64; the fit
+#: holds a few such arrays at once); see :func:`subsample`
 MAX_TARGET_SIZE = 100_000_000
 
 
@@ -46,6 +47,14 @@ class LinearPath:
     x_scale: np.ndarray
     alpha: float
     scores: dict[float, float] | None = field(default=None)
+
+    def check_shape(self, histology_dim: int, n_genes: int) -> None:
+        """``ValueError`` unless the arrays fit ``histology_dim`` features and ``n_genes`` genes."""
+        want = {"coef": (histology_dim, n_genes), "intercept": (n_genes,), "x_mean": (histology_dim,),
+                "x_scale": (histology_dim,)}
+        wrong = {k: getattr(self, k).shape for k, shape in want.items() if getattr(self, k).shape != shape}
+        if wrong:
+            raise ValueError(f"arrays of the wrong shape {wrong} for {histology_dim} features × {n_genes} genes")
 
     def predict(self, x_h: np.ndarray) -> np.ndarray:
         """The probe's prediction, float32 ``(n, G)``, for standardised histology ``(n, H)``."""

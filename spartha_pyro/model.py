@@ -4,8 +4,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import numbers
 import os
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -333,8 +335,8 @@ class SPARTHA:
             whose blend with the validation-stage model predicts the validation spots best
             (mean per-gene PCC; ``self.selection["linear_path"]`` records every share's score,
             printed); without validation, or with a ``gene_mask_key`` (the probe would read
-            unmeasured genes as zeros), no linear path. A float in [0, 1]: that share.
-            ``None``: none. The fitted path is ``self.linear_path`` (saved with the model).
+            unmeasured genes as zeros), no linear path. A float in [0, 1]: that share (refused
+            with a ``gene_mask_key``). ``None``: none. The fitted path is ``self.linear_path`` (saved with the model).
 
         Under ``torch.distributed`` (e.g. ``torchrun`` + ``init_process_group``) every rank
         trains on a disjoint shard of the minibatches with averaged gradients; see
@@ -347,8 +349,11 @@ class SPARTHA:
         if max_epochs < 1 or batch_size < 1:
             raise InputError("max_epochs and batch_size must be positive")
         if not (linear_path is None or linear_path == "auto"
-                or (isinstance(linear_path, (int, float)) and not isinstance(linear_path, bool) and 0 <= linear_path <= 1)):
+                or (isinstance(linear_path, numbers.Real) and not isinstance(linear_path, bool) and 0 <= linear_path <= 1)):
             raise InputError(f"linear_path must be 'auto', None or a share in [0, 1], got {linear_path!r}")
+        if linear_path not in (None, "auto") and linear_path > 0 and self.registry.gene_mask_key is not None:
+            raise InputError("linear_path needs every batch to measure every gene: with gene_mask_key the probe "
+                             "would read unmeasured genes as zeros; pass linear_path=None")
         if unimaged not in ("auto", "use", "ignore"):
             raise InputError(f"unimaged must be 'auto', 'use' or 'ignore', got {unimaged!r}")
         if label_sets not in ("auto", "all"):
@@ -467,7 +472,7 @@ class SPARTHA:
         from .metrics.normalize import normalize_log1p  # lazy: the metrics package loads scanpy and the image stack
 
         data, val = self._data, world["val_idx"]
-        val = val[data.has_counts[val] & data.has_histology[val]]
+        val = subsample(val[data.has_counts[val] & data.has_histology[val]], len(self.registry.genes), seed)
         path = self._fit_linear_path(world["train_idx"], 0.0, seed)
         spots = dataclasses.replace(
             data, obs_names=data.obs_names[val], counts=None, count_mask=None, x_h=data.x_h[val],
@@ -476,8 +481,8 @@ class SPARTHA:
         model_pred = self._model_mean(spots, 100, "posterior", "expected", 256, seed, 25)
         observed = normalize_log1p(data.counts[val])
         share, scores = choose_share(model_pred, path.predict(spots.x_h), observed)
-        message = (f"linear histology path: share {share:g} (validation per-gene PCC {scores[share]:.4f}; "
-                   f"model alone {scores[0.0]:.4f}, probe alone {scores[1.0]:.4f})")
+        message = (f"linear histology path: share {share:g} (per-gene PCC of predict_mean on the validation spots "
+                   f"{scores[share]:.4f}; model alone {scores[0.0]:.4f}, probe alone {scores[1.0]:.4f})")
         return share, {"share": share, "scores": {str(k): v for k, v in scores.items()}, "message": message}
 
     def _validation_stage(self, world: dict, config: TrainConfig, jit: bool, refit: bool, fresh: bool) -> tuple:
@@ -821,7 +826,8 @@ class SPARTHA:
         linear_path
             With ``artifact="posterior"`` and a model trained with a linear path
             (``self.linear_path``, see :meth:`train`): ``(1 - s) * model + s * probe``, ``s``
-            the share chosen on the validation spots. ``False``, ``artifact="pass"`` (the
+            the share chosen on the validation spots (or given to :meth:`train`), with either
+            ``counts``; ``s = 1`` is the probe alone. ``False``, ``artifact="pass"`` (the
             probe learned measured, artifact-laden spots) or no linear path: the model's own
             prediction. The share used is in ``attrs["linear_share"]``.
 
@@ -962,13 +968,13 @@ class SPARTHA:
         }
         with atomic_path(path / "model.pt") as tmp:
             torch.save(self.module.state_dict(), tmp)
-        if self.linear_path is not None:
+        if self.linear_path is not None:  # before settings.json, which names it
             with atomic_path(path / LINEAR_PATH_FILE) as tmp:
                 self.linear_path.save(tmp)
-        else:
-            (path / LINEAR_PATH_FILE).unlink(missing_ok=True)
         with atomic_path(path / "settings.json") as tmp:
             tmp.write_text(json.dumps(settings, indent=1))
+        if self.linear_path is None:  # after settings.json no longer names it
+            (path / LINEAR_PATH_FILE).unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike, adata: AnnData | None = None, device: str | torch.device | None = "cpu") -> "SPARTHA":
@@ -1032,7 +1038,8 @@ class SPARTHA:
         if settings.get("linear_path") is not None:
             try:
                 self.linear_path = LinearPath.load(path / LINEAR_PATH_FILE, settings["linear_path"])
-            except (OSError, KeyError, ValueError) as err:
+                self.linear_path.check_shape(self.registry.histology_dim, len(self.registry.genes))
+            except (OSError, EOFError, zipfile.BadZipFile, KeyError, TypeError, ValueError) as err:
                 raise InputError(f"{path / LINEAR_PATH_FILE} (the model's linear path) cannot be read: {err}") from None
         self.auto_labels = settings.get("auto_labels")
         self.is_trained = settings.get("is_trained", True)

@@ -75,6 +75,20 @@ def test_predict_writes_layers_and_draws(pipeline: Path, capsys):
     np.testing.assert_allclose(pred.X, point.values, rtol=1e-5, atol=1e-6)
 
 
+def test_predict_blends_the_linear_path_unless_told_not_to(pipeline: Path):
+    model = sp.SPARTHA.load(pipeline / "model")
+    assert model.linear_path is not None and model.linear_path.share > 0  # chosen on slide1 by `train`
+    adata = sp.datasets.load(pipeline / "prep.h5ad", kind="h5ad", sections=["slide2"])
+    for flags, blended in (([], True), (["--no-linear-path"], False)):
+        out = pipeline / f"posterior{len(flags)}.h5ad"
+        assert main(["predict", str(pipeline / "model"), str(pipeline / "prep.h5ad"), "--sections", "slide2", "-o", str(out),
+                     "--num-samples", "5", "--artifact", "posterior", "--quiet", *flags]) == 0
+        pred = ad.read_h5ad(out)
+        point = model.predict_mean(adata, num_samples=5, artifact="posterior", linear_path=blended)
+        np.testing.assert_allclose(pred.X, point.values, rtol=1e-5, atol=1e-6)
+        assert pred.uns["linear_share"] == point.attrs["linear_share"] == (model.linear_path.share if blended else 0.0)
+
+
 def test_evaluate_writes_metrics(pipeline: Path):
     records = json.loads((pipeline / "metrics.json").read_text())
     metrics = {r["metric"] for r in records}

@@ -1,5 +1,6 @@
 """The linear histology path: a ridge probe blended into ``predict_mean``, its share chosen on validation spots."""
 import numpy as np
+import pandas as pd
 import pytest
 
 import spartha_pyro as sp
@@ -60,6 +61,46 @@ def test_no_linear_path_without_validation_or_when_asked(sim):
     assert model.linear_path is None and model.selection is None
     model.train(linear_path=None, **FAST)
     assert model.linear_path is None and "linear_path" not in model.selection
+
+
+def test_without_refit_the_probe_learns_the_training_spots_only(sim):
+    """No refit: the final model never saw the validation section, nor may its probe."""
+    model = sp.SPARTHA(sim, label_keys=["cell_type"], batch_key="slide", **SMALL)
+    model.train(validation=["slide2"], refit=False, linear_path=np.float32(0.5), **FAST)
+    train = sim[sim.obs["slide"] != "slide2"].copy()
+    data = model._encode_histology(sim, "posterior")
+    counts = train.X.toarray()
+    observed = np.log1p(1e4 * counts / counts.sum(1, keepdims=True))
+    probe = model.linear_path.predict(data.x_h[(sim.obs["slide"] != "slide2").to_numpy()])
+    np.testing.assert_allclose(model.linear_path.intercept, observed.mean(0), rtol=1e-4, atol=1e-5)
+    assert probe.shape == observed.shape and model.linear_path.share == 0.5
+
+
+def test_a_fixed_share_is_refused_with_a_gene_mask(sim):
+    adata = sim.copy()
+    slides = list(adata.obs["slide"].cat.categories)
+    adata.varm["measured"] = pd.DataFrame(True, index=adata.var_names, columns=slides)
+    model = sp.SPARTHA(adata, label_keys=["cell_type"], batch_key="slide", gene_mask_key="measured", **SMALL)
+    with pytest.raises(sp.InputError, match="gene_mask_key"):
+        model.train(linear_path=0.5, **FAST)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "wrong shape"])
+def test_a_damaged_probe_file_is_an_input_error(sim, tmp_path, damage):
+    model = sp.SPARTHA(sim, label_keys=["cell_type"], batch_key="slide", **SMALL)
+    model.train(validation=None, linear_path=0.3, max_epochs=1, batch_size=200, progress=False)
+    model.save(tmp_path / "m")
+    npz = tmp_path / "m" / "linear_path.npz"
+    if damage == "empty":
+        npz.write_bytes(b"")
+    elif damage == "truncated":
+        npz.write_bytes(npz.read_bytes()[:100])
+    else:
+        arrays = dict(np.load(npz))
+        arrays["coef"] = arrays["coef"][:-1]
+        np.savez(npz, **arrays)
+    with pytest.raises(sp.InputError, match="linear_path.npz"):
+        sp.SPARTHA.load(tmp_path / "m")
 
 
 @pytest.mark.parametrize("bad", [1.5, -0.1, "yes", True])
