@@ -656,7 +656,7 @@ def chosen(model: sp.SPARTHA) -> dict[str, float]:
     histology ``unimaged_used`` (1/0) and their validation scores ``unimaged_score_use`` /
     ``unimaged_score_ignore``, with several label sets ``label_sets_left_out`` (how many) and
     ``label_sets_score_<a+b>`` per combination tried, and ``linear_share`` with the validation
-score of each share tried, ``linear_score_<share>`` (empty without validation)."""
+    score of each share tried, ``linear_score_<share>`` (empty without validation)."""
     selection = model.selection or {}
     out = {k: float(v) for k, v in selection.items() if k in ("epochs", "val_pcc_gene") and v is not None}
     if "linear_path" in selection:
