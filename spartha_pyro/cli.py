@@ -4,8 +4,8 @@ Each subcommand is a thin layer over the Python API (no second implementation):
 
 - ``spartha prepare``  -> :func:`spartha_pyro.datasets.load` + :func:`spartha_pyro.pp.prepare`
 - ``spartha train``    -> :class:`spartha_pyro.SPARTHA` + ``.train()`` + ``.save()``
-- ``spartha predict``  -> :meth:`SPARTHA.load` + ``.predict_expression(out=...)`` (draws streamed
-  to NetCDF) + :func:`spartha_pyro.predictions.summarize_samples`
+- ``spartha predict``  -> :meth:`SPARTHA.load` + ``.predict_summary(out=...)`` (draws streamed
+  to NetCDF)
 - ``spartha predict-image`` -> :func:`spartha_pyro.image.predict_image` (+
   :func:`~spartha_pyro.image.plot_gene_maps`)
 - ``spartha evaluate`` -> :func:`spartha_pyro.demo.score` (regression metrics, QCPR) +
@@ -161,7 +161,7 @@ def _trained(history: list[dict]) -> str:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     """Predict expression from histology with a saved model; write summaries (and draws)."""
-    from . import SPARTHA, datasets, io, predictions
+    from . import SPARTHA, datasets, io
 
     existing = [f for f in (args.out, args.samples) if f and Path(f).exists()]
     if existing and not args.overwrite:
@@ -171,31 +171,27 @@ def cmd_predict(args: argparse.Namespace) -> None:
     adata = datasets.load(args.input, kind="h5ad", sections=args.sections)
     model = SPARTHA.load(args.model, device=args.device)
     print(f"predicting {adata.n_obs} spots × {len(model.registry.genes)} genes, {args.num_samples} draws each")
-    # with --samples the draws stream to the NetCDF file (the API's out=), never all in memory,
-    # and the summaries read them back a chunk of spots at a time
-    samples = model.predict_expression(adata, num_samples=args.num_samples, artifact=args.artifact,
-                                       batch_size=args.batch_size, seed=args.seed, out=args.samples,
-                                       overwrite=args.overwrite)
+    # with --samples the draws stream to the NetCDF file, never all in memory
+    out = model.predict_summary(adata, num_samples=args.num_samples, artifact=args.artifact, quantiles=args.quantiles,
+                                batch_size=args.batch_size, seed=args.seed, out=args.samples, overwrite=args.overwrite,
+                                linear_path=args.linear_path)
     if args.samples:
-        print(f"wrote {args.samples}: {samples.sizes['sample']} draws (sample, spot, gene)")
-    with samples:
-        out = predictions.summarize_samples(samples, obs=adata.obs, quantiles=args.quantiles)
-    # the point prediction integrates the count noise out (SPARTHA.predict_mean), which a mean of
-    # a few normalised count draws only approaches; that mean is kept as a layer
-    out.layers["draws_mean"] = out.X
-    point = model.predict_mean(adata, num_samples=args.num_samples, artifact=args.artifact,
-                               batch_size=args.batch_size, seed=args.seed, linear_path=args.linear_path)
-    out.X, share = point.values, point.attrs["linear_share"]
-    out.uns["linear_share"] = share
+        print(f"wrote {args.samples}: {args.num_samples} draws (sample, spot, gene)")
     for key in ("spatial", model.registry.histology_key):
         if key in adata.obsm:
             out.obsm[key] = np.asarray(adata.obsm[key])
     if "spatial" in adata.uns:
         out.uns["spatial"] = adata.uns["spatial"]
     io.write_h5ad(out, args.out)
+    print(f"wrote {args.out}: X = {_point_description(out)}; layers {list(out.layers)} (summaries of the model's "
+          "own draws)")
+
+
+def _point_description(pred) -> str:
+    """What ``X`` of a :meth:`~spartha_pyro.SPARTHA.predict_summary` output is, in words."""
+    share = pred.uns["linear_share"]
     blend = f", blended with the linear histology path (share {share:g})" if share else ""
-    print(f"wrote {args.out}: X = predictive mean of log1p(counts per 10k), count noise integrated out{blend}; "
-          f"layers {list(out.layers)} (summaries of the model's own draws)")
+    return f"predictive mean of log1p(counts per 10k), count noise integrated out{blend}"
 
 
 def cmd_predict_image(args: argparse.Namespace) -> None:
@@ -215,12 +211,12 @@ def cmd_predict_image(args: argparse.Namespace) -> None:
         quantiles=args.quantiles, seed=args.seed, overwrite=args.overwrite, progress=args.progress,
         um_per_px=args.um_per_px, spacing_um=args.spacing_um, spot_um=args.spot_um, grid=args.grid,
         subdivide=args.subdivide, tissue_mask=args.tissue_mask, min_tissue=args.min_tissue, library_id=args.library_id,
-        batch_size=args.batch_size, device=None if args.device == "auto" else args.device,
+        batch_size=args.batch_size, device=None if args.device == "auto" else args.device, linear_path=args.linear_path,
     )
     g = pred.uns["image_grid"]
     print(f"{pred.n_obs} pseudo-spots ({g['grid']} grid, {g['pseudo_spot_spacing_um']:g} µm spacing) on {args.image} at "
           f"{g['um_per_px']:.4g} µm/px ({g['um_per_px_source']}; level {g['level']})")
-    print(f"wrote {args.out}: X = predictive mean of log1p(counts per 10k); layers {list(pred.layers)}")
+    print(f"wrote {args.out}: X = {_point_description(pred)}; layers {list(pred.layers)}")
     if args.samples:
         print(f"wrote {args.samples}: {args.num_samples} draws (sample, spot, gene)")
     if genes:
@@ -393,13 +389,17 @@ def _draw_options(p) -> None:
     p.add_argument("--artifact", default="pass", choices=["pass", "posterior"],
                    help="pass: artifact-free generation (Z_r from p(Z_r | pass)); posterior: Z_r from q(Z_r | X_h)")
     p.add_argument("--quantiles", type=float, nargs="*", default=[0.05, 0.5, 0.95], help="quantile layers to write")
+    p.add_argument("--linear-path", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --artifact posterior, blend the model's linear histology path into X (its share is "
+                        "uns['linear_share']); the draws' layers are always the model's own")
 
 
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", formatter_class=_Formatter, help="predict expression from histology",
                        description=cmd_predict.__doc__
-                       + "\n\nX = posterior mean of log1p(counts per 10,000); layers sd, q05/q50/q95 (same space) "
-                       "and counts_mean. Counts in the input are ignored: only histology is used.")
+                       + "\n\nX = predictive mean of log1p(counts per 10,000), count noise integrated out; layers "
+                       "draws_mean, sd, q05/q50/q95 (same space) and counts_mean. Counts in the input are ignored: only "
+                       "histology is used.")
     p.add_argument("model", help="model folder written by 'spartha train'")
     p.add_argument("input", help=".h5ad with obsm['histology'] (counts not needed)")
     _output_options(p)
@@ -408,9 +408,6 @@ def _add_predict(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="spots per prediction batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda…")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws")
-    p.add_argument("--linear-path", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --artifact posterior, blend the model's linear histology path into X (its share is "
-                        "uns['linear_share']); the draws' layers are always the model's own")
     _common(p)
     p.set_defaults(func=cmd_predict)
 
@@ -420,7 +417,7 @@ def _add_predict_image(sub) -> None:
                        description=cmd_predict_image.__doc__
                        + "\n\nReads JPEG/PNG/TIFF and pyramidal TIFF/OME-TIFF/SVS tile by tile. Pseudo-spots follow the "
                        "training platform (legacy-ST square or Visium hex grid) unless overridden. X = predictive mean "
-                       "of log1p(counts per 10,000); layers sd, q05/q50/q95, counts_mean; obsm['spatial'] in "
+                       "of log1p(counts per 10,000); layers draws_mean, sd, q05/q50/q95, counts_mean; obsm['spatial'] in "
                        "full-resolution pixels and uns['spatial'] for sc.pl.spatial.")
     p.add_argument("model", help="model folder written by 'spartha train' (features from 'spartha prepare')")
     p.add_argument("image", help="H&E image: JPEG, PNG, TIFF, pyramidal TIFF / OME-TIFF / SVS")

@@ -670,6 +670,7 @@ def predict_image(
     chunk_spots: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    linear_path: bool = True,
     **grid_kwargs,
 ) -> AnnData:
     """Predict expression maps from an H&E image alone, with uncertainty.
@@ -677,9 +678,10 @@ def predict_image(
     Pseudo-spots and their features come from :func:`image_features` (with the model's
     recipe; ``grid_kwargs`` go there: ``um_per_px``, ``spacing_um``, ``spot_um``, ``grid``,
     ``tissue_mask``, ``min_tissue``, ``library_id``, ``batch_size``, ``device``…). The model
-    draws expression from histology alone (:meth:`~spartha_pyro.SPARTHA.predict_expression`,
-    ``artifact="pass"``: artifact-free), summarised by
-    :func:`~spartha_pyro.predictions.summarize_samples` in chunks of spots (bounded memory).
+    predicts from histology alone (:meth:`~spartha_pyro.SPARTHA.predict_summary`,
+    ``artifact="pass"``: artifact-free): the predictive mean with the count noise integrated
+    out, and summaries of sampled draws, a chunk of spots at a time (bounded memory); every
+    pseudo-spot's histology is scaled with the whole image's.
 
     Parameters
     ----------
@@ -695,6 +697,9 @@ def predict_image(
         As in ``spartha predict``.
     chunk_spots
         Spots predicted at a time; default ~50 MB of draws per chunk (~4× that while summarising).
+    linear_path
+        With ``artifact="posterior"``, blend the model's linear histology path into ``X``
+        (:meth:`~spartha_pyro.SPARTHA.predict_mean`).
     overwrite
         Replace existing ``out``/``samples`` files (otherwise :class:`InputError`, checked
         before any work).
@@ -702,12 +707,12 @@ def predict_image(
     Returns
     -------
     AnnData, pseudo-spots × the model's genes: ``X`` = predictive mean of log1p(counts per
-    10,000), layers ``sd``, ``q05``/``q50``/``q95`` (same space) and ``counts_mean``;
-    ``obs``/``obsm``/``uns`` from :func:`image_features`, ``uns["prediction"]``.
+    10,000), layers ``draws_mean`` (the same estimated from the draws), ``sd``,
+    ``q05``/``q50``/``q95`` (same space) and ``counts_mean``; ``obs``/``obsm``/``uns`` from
+    :func:`image_features`, ``uns["prediction"]``, ``uns["linear_share"]``.
     """
     from . import SPARTHA
     from .io.write import atomic_path, write_h5ad
-    from .predictions import summarize_samples
 
     existing = [str(f) for f in (out, samples) if f is not None and Path(f).exists()]
     if existing and not overwrite:
@@ -729,37 +734,17 @@ def predict_image(
     n_genes = len(model.registry.genes)
     chunk = chunk_spots or max(16, int(5e7 // (4 * num_samples * max(1, n_genes))))
     with ExitStack() as stack:
-        if samples is not None:
-            nc = stack.enter_context(atomic_path(samples))
-            draws = model.predict_expression(spots, num_samples=num_samples, artifact=artifact, seed=seed, out=nc,
-                                             overwrite=True)
-            stack.callback(draws.close)
-            parts = [summarize_samples(draws.isel(spot=slice(s, s + chunk)), quantiles=quantiles)
-                     for s in range(0, spots.n_obs, chunk)]
-        else:
-            parts = []
-            for k, s in enumerate(range(0, spots.n_obs, chunk)):
-                part = spots[s : s + chunk]
-                draws = model.predict_expression(part, num_samples=num_samples, artifact=artifact, seed=seed + k)
-                parts.append(summarize_samples(draws, quantiles=quantiles))
-        pred = _concat_summaries(parts)
-        pred.obs = spots.obs.copy()
+        nc = None if samples is None else stack.enter_context(atomic_path(samples))
+        pred = model.predict_summary(spots, num_samples=num_samples, artifact=artifact, quantiles=quantiles,
+                                     batch_size=chunk, seed=seed, out=nc, overwrite=True, linear_path=linear_path)
         for key in spots.obsm:
             pred.obsm[key] = spots.obsm[key]
         pred.uns.update({k: v for k, v in spots.uns.items()})
-        pred.uns["prediction"] = {**parts[0].uns["prediction"], "chunk_spots": int(chunk),
-                                  "seed": int(seed), "num_samples": int(num_samples), "artifact": artifact,
-                                  "seconds": round(time.perf_counter() - t0, 2)}
+        pred.uns["prediction"] = {**pred.uns["prediction"], "chunk_spots": int(chunk), "seed": int(seed),
+                                  "artifact": artifact, "seconds": round(time.perf_counter() - t0, 2)}
         if out is not None:
             write_h5ad(pred, out)
     return pred
-
-
-def _concat_summaries(parts: list[AnnData]) -> AnnData:
-    X = np.concatenate([p.X for p in parts])
-    layers = {k: np.concatenate([p.layers[k] for p in parts]) for k in parts[0].layers}
-    obs = pd.concat([p.obs for p in parts])
-    return AnnData(X=X, obs=obs, var=parts[0].var.copy(), layers=layers)
 
 
 # ---------------------------------------------------------------------------- plots

@@ -730,23 +730,109 @@ class SPARTHA:
         if out is not None and Path(out).exists() and not overwrite:
             raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
         data = self._encode_histology(adata, artifact)
-        site = "x_t" if value == "counts" else "mu"
-        name = "expression" if value == "counts" else "expected_expression"
         dtype = np.int32 if value == "counts" else np.float32
         coords = {"sample": np.arange(num_samples), "spot": np.asarray(adata.obs_names), "gene": self.registry.genes}
         attrs = {"artifact": artifact, "value": value, "seed": seed, "model": repr(self)}
+        if out is None:
+            sink = np.empty((num_samples, data.n, len(self.registry.genes)), dtype=dtype)
+            for b, draws in self._draw_blocks(data, num_samples, artifact, value, batch_size, seed):
+                sink[:, b] = draws
+            return xr.DataArray(sink, dims=("sample", "spot", "gene"), coords=coords, name=_DRAW_NAMES[value],
+                                attrs=attrs)
+        with self._draws_to_netcdf(out, coords, value, attrs) as sink:
+            for b, draws in self._draw_blocks(data, num_samples, artifact, value, batch_size, seed):
+                sink[:, b] = draws
+        return xr.open_dataarray(out)
 
-        def fill(sink) -> None:
-            for b, draws in self._draws(data, num_samples, artifact, [site], batch_size, seed, num_samples):
-                sink[:, b[0] : b[-1] + 1] = draws[site].cpu().numpy().astype(dtype)
+    @pyro.settings.context(module_local_params=True)
+    @torch.no_grad()
+    def predict_summary(
+        self,
+        adata: AnnData,
+        num_samples: int = 20,
+        artifact: str = "pass",
+        quantiles: Sequence[float] = (0.05, 0.5, 0.95),
+        batch_size: int = 256,
+        seed: int = 0,
+        out: str | os.PathLike | None = None,
+        overwrite: bool = False,
+        linear_path: bool = True,
+    ) -> AnnData:
+        """Point prediction and posterior-predictive summaries of spots, from histology alone.
 
-        if out is not None:
-            with atomic_path(out) as tmp, _netcdf_variable(tmp, name, dtype, coords, attrs) as sink:
-                fill(sink)
-            return xr.open_dataarray(out)
-        sink = np.empty((num_samples, data.n, len(self.registry.genes)), dtype=dtype)
-        fill(sink)
-        return xr.DataArray(sink, dims=("sample", "spot", "gene"), coords=coords, name=name, attrs=attrs)
+        ``X`` is :meth:`predict_mean` (count noise integrated out; blended with the linear
+        path for ``artifact="posterior"`` unless ``linear_path=False``); the layers summarise
+        ``num_samples`` count draws per spot (:func:`~spartha_pyro.predictions.summarize_samples`):
+        ``draws_mean``, ``sd``, one per quantile and ``counts_mean``. The draws are exactly
+        those of :meth:`predict_expression` with the same ``seed`` and ``batch_size``, made and
+        summarised one minibatch at a time: memory is ``num_samples × batch_size × genes``
+        whatever the number of spots, and the histology of every spot is scaled together
+        (per section), so the result does not depend on ``batch_size`` beyond the draws.
+
+        Parameters
+        ----------
+        adata
+            Spots with ``obsm[histology_key]`` (whole sections, as for :meth:`predict_mean`).
+        num_samples, artifact, batch_size, seed
+            As in :meth:`predict_expression`.
+        quantiles
+            Quantiles in ``[0, 1]`` of log1p(counts per 10,000) to store.
+        out, overwrite
+            Also stream every draw to this NetCDF file, as :meth:`predict_expression` does.
+        linear_path
+            As in :meth:`predict_mean`.
+
+        Returns
+        -------
+        AnnData, ``adata``'s spots (its ``obs``) × the model's genes, float32;
+        ``uns["prediction"]`` records the settings and ``uns["linear_share"]`` the blend.
+        """
+        from .predictions import summarize_samples  # lazy: pulls in metrics (scanpy)
+
+        if num_samples < 1:
+            raise InputError("num_samples must be positive")
+        if any(not 0.0 <= q <= 1.0 for q in quantiles):
+            raise InputError(f"quantiles must be in [0, 1], got {tuple(quantiles)}")
+        if out is not None and Path(out).exists() and not overwrite:
+            raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+        point = self.predict_mean(adata, num_samples, artifact, batch_size=batch_size, seed=seed,
+                                  linear_path=linear_path)
+        data = self._encode_histology(adata, artifact)
+        spots = np.asarray(adata.obs_names)
+        coords = {"sample": np.arange(num_samples), "spot": spots, "gene": self.registry.genes}
+        attrs = {"artifact": artifact, "value": "counts", "seed": seed, "model": repr(self)}
+        layers: dict[str, np.ndarray] = {}
+        with contextlib.ExitStack() as stack:
+            sink = None if out is None else stack.enter_context(self._draws_to_netcdf(out, coords, "counts", attrs))
+            for b, draws in self._draw_blocks(data, num_samples, artifact, "counts", batch_size, seed):
+                if sink is not None:
+                    sink[:, b] = draws
+                part = summarize_samples(xr.DataArray(draws, dims=("sample", "spot", "gene"),
+                                                      coords={"spot": spots[b], "gene": self.registry.genes},
+                                                      attrs=attrs), quantiles=quantiles)
+                for name, values in {"draws_mean": part.X, **part.layers}.items():
+                    layers.setdefault(name, np.empty((data.n, values.shape[1]), np.float32))[b] = values
+        summary = AnnData(X=point.values, obs=adata.obs.copy(), var=pd.DataFrame(index=pd.Index(self.registry.genes)),
+                          layers=layers)
+        summary.uns["prediction"] = {**part.uns["prediction"], "num_samples": int(num_samples),
+                                     "batch_size": int(batch_size), "X": "predictive mean, count noise integrated out"}
+        summary.uns["linear_share"] = float(point.attrs["linear_share"])
+        return summary
+
+    def _draw_blocks(self, data: SpotArrays, num_samples: int, artifact: str, value: str, batch_size: int, seed: int):
+        """Yield ``(slice of spots, draws (num_samples, spots, G))`` minibatch by minibatch:
+        counts (int32) or NB means (float32), as :meth:`predict_expression` returns them."""
+        site, dtype = ("x_t", np.int32) if value == "counts" else ("mu", np.float32)
+        for b, draws in self._draws(data, num_samples, artifact, [site], batch_size, seed, num_samples):
+            yield slice(b[0], b[-1] + 1), draws[site].cpu().numpy().astype(dtype)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _draws_to_netcdf(out: str | os.PathLike, coords: Mapping[str, Sequence], value: str, attrs: Mapping):
+        """A ``(sample, spot, gene)`` NetCDF variable to write draws into, at ``out`` once complete."""
+        dtype = np.int32 if value == "counts" else np.float32
+        with atomic_path(out) as tmp, _netcdf_variable(tmp, _DRAW_NAMES[value], dtype, coords, attrs) as sink:
+            yield sink
 
     def _encode_histology(self, adata: AnnData, artifact: str) -> SpotArrays:
         """Arrays of spots to predict from histology alone (checked: every spot has histology)."""
@@ -885,10 +971,12 @@ class SPARTHA:
         :func:`spartha_pyro.predictions.summarize_samples`. Layers (spots × ``adata``'s genes,
         float32; genes the model does not know are NaN):
 
-        - ``{key}_mean``, ``{key}_sd``, ``{key}_q05`` … (one per quantile, see
-          :func:`~spartha_pyro.predictions.quantile_layer`): posterior-predictive mean, sd and
-          quantiles of log1p(counts per 10,000) — the space of the point metrics, normalised
-          over all modelled genes;
+        - ``{key}_mean``: the point prediction, :meth:`predict_mean` (count noise integrated
+          out; with ``artifact="posterior"``, blended with the linear histology path);
+        - ``{key}_draws_mean``, ``{key}_sd``, ``{key}_q05`` … (one per quantile, see
+          :func:`~spartha_pyro.predictions.quantile_layer`): mean, sd and quantiles of the
+          draws' log1p(counts per 10,000) — the space of the point metrics, normalised over
+          all modelled genes;
         - ``{key}_counts_mean``: mean of the sampled counts;
         - ``{key}_cv``: coefficient of variation sd / mean of the sampled counts (count noise
           included; NaN where the mean is 0).
@@ -932,12 +1020,14 @@ class SPARTHA:
         counts_sd = counts.std(0, dtype=np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             cv = np.where(summary.layers["counts_mean"] > 0, counts_sd / summary.layers["counts_mean"], np.nan)
-        layers = {"mean": summary.X, **summary.layers, "cv": cv}
+        point = self.predict_mean(adata, num_samples, artifact, batch_size=batch_size, seed=seed)
+        layers = {"mean": point.values, "draws_mean": summary.X, **summary.layers, "cv": cv}
         for name, values in layers.items():
             out = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
             out[:, known] = values[:, cols[known]]
             adata.layers[f"{key}_{name}"] = out
-        adata.uns[key] = {**summary.uns["prediction"], "cv": "sd / mean of sampled counts", "layers": [f"{key}_{n}" for n in layers]}
+        adata.uns[key] = {**summary.uns["prediction"], "cv": "sd / mean of sampled counts",
+                          "linear_share": float(point.attrs["linear_share"]), "layers": [f"{key}_{n}" for n in layers]}
         return adata
 
     # ------------------------------------------------------------------ save / load
@@ -1049,6 +1139,10 @@ class SPARTHA:
 
 if SPARTHA.__doc__:  # the architecture's fields, documented once in ModelConfig
     SPARTHA.__doc__ = SPARTHA.__doc__.replace("{config}", ModelConfig.describe(indent=" " * 8))
+
+
+#: name of the draws' variable, by ``predict_expression(value=...)``
+_DRAW_NAMES = {"counts": "expression", "mean": "expected_expression"}
 
 
 @contextlib.contextmanager

@@ -210,7 +210,26 @@ def test_predict_image_pyramidal_tiff(setup, tmp_path):
     np.testing.assert_allclose(np.median(pred.obsm["spatial"], 0), 2 * np.median(png.obsm["spatial"], 0), rtol=0.05)
     draws = sp.predictions.read_samples(tmp_path / "d.nc")
     assert draws.shape == (3, pred.n_obs, 12)
-    np.testing.assert_allclose(pred.X, sp.metrics.normalize_log1p(draws.values).mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(pred.layers["draws_mean"], sp.metrics.normalize_log1p(draws.values).mean(0),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_predictions_scale_the_whole_image_and_x_is_the_predictive_mean(setup, monkeypatch):
+    """Every pseudo-spot's histology is scaled with the whole image's (section scaling), however
+    many spots are predicted at a time, and X is the model's predict_mean (count noise
+    integrated out), not the mean of a few draws. (Chunks of spots used to be scaled by their
+    own statistics.)"""
+    d, _, model = setup
+    spots = image_features(d / "slide.png", model.registry.histology_recipe, um_per_px=2.0, progress=False)
+    point = model.predict_mean(spots, num_samples=4, artifact="pass")
+    encoded, encode = [], model._encode_histology
+    monkeypatch.setattr(model, "_encode_histology", lambda adata, artifact: encoded.append(adata.n_obs) or encode(adata, artifact))
+    whole = predict_image(model, d / "slide.png", um_per_px=2.0, num_samples=4, progress=False)
+    np.testing.assert_allclose(whole.X, point.values, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(whole.X, whole.layers["draws_mean"], atol=1e-3)  # 4 draws are not the mean
+    chunked = predict_image(model, d / "slide.png", um_per_px=2.0, num_samples=4, chunk_spots=7, progress=False)
+    assert chunked.n_obs > 7 and set(encoded) == {spots.n_obs}
+    assert chunked.layers["sd"].shape == whole.layers["sd"].shape and np.isfinite(chunked.layers["sd"]).all()
 
 
 def test_image_features_hex_grid_and_spacing(setup):
