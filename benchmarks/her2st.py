@@ -53,11 +53,12 @@ of the panels plus one ``__rest__`` column holding each spot's remaining counts,
 library size, and hence the normalisation, is the full transcriptome's; ``all`` is then scored
 for the point predictors only. ``--train-genes all`` trains them on every gene.
 
-By default the generative models train on every training section for ``--epochs 60``, the
-epoch count that early stopping chose on a development split (README). ``--validation C4``
-(or ``last``) early-stops on the histology-path ELBO of that TRAINING section instead, never a
-test section; with ``--refit`` the model is then retrained on all training sections for the
-epoch count that early stopping chose.
+By default (``--validation auto``, the library's default) the generative models early-stop,
+within at most ``--epochs 100``, on the last TRAINING section, choose their linear path's share
+there, and are refit on every training section; a test section is never used.
+``--validation none`` trains ``--epochs`` on every training section; ``--validation C4`` (or
+``last``) early-stops on that training section, and ``--refit`` then retrains on all training
+sections for the epoch count early stopping chose.
 
 Calibration (every method with a predictive distribution): ``coverage50|80|90|95``
 (randomised-PIT coverage of central intervals of the counts), ``nll`` (the NB mixture over
