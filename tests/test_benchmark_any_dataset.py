@@ -62,6 +62,18 @@ def test_loso_on_a_barelegacy_st_folder(bench, folder, tmp_path):
     assert "pred/ridge/S1/0" not in scores
 
 
+def test_spartha_runs_without_cluster_labels(bench, folder, tmp_path, capsys):
+    """The default ``--label-keys cluster`` on a folder without clusters: a note, and SPARTHA
+    trains with no label set and is scored like any other row."""
+    argv = _argv(folder, tmp_path / "r.json", "--epochs", "2", "--validation", "none", "--num-samples", "4",
+                 "--sample-chunk", "2")
+    argv[argv.index("--methods") + 1 : argv.index("--seeds")] = ["spartha", "ridge"]
+    records = bench.main(argv)
+    assert "label columns ['cluster'] are absent" in capsys.readouterr().out
+    got = {(r["method"], r["panel"], r["metric"]): r["value"] for r in records if r["section"] == "S3"}
+    assert np.isfinite(got[("spartha", "hvg", "pcc_gene")]) and np.isfinite(got[("spartha", "qc", "qc_energy_distance")])
+
+
 def test_missing_inputs_fail_before_feature_extraction(bench, folder, tmp_path):
     import shutil
 
