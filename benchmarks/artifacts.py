@@ -124,8 +124,10 @@ METHODS = ("spartha", "spatialdiva", "spatialdiva_filtered", "ridge", "mean", "s
 REFERENCES = ("clean", "observed", "constant")
 ROWS = ("spartha", "spartha_pass", "spartha_oracle", "spartha_oracle_pass", "spatialdiva",
         "spatialdiva_filtered", "ridge", "mean", *REFERENCES)
-#: the paired comparisons: each SPARTHA row against each SpatialDIVA variant and ridge
-PAIRS = [(a, b) for a in ("spartha", "spartha_pass") for b in ("spatialdiva", "spatialdiva_filtered", "ridge")]
+#: the paired comparisons: each SPARTHA row (QC flags or, oracle, the true ones) against each SpatialDIVA
+#: variant and ridge, and artifact-free generation with the true flags against it with QC's
+PAIRS = [(a, b) for a in ("spartha", "spartha_pass", "spartha_oracle", "spartha_oracle_pass")
+         for b in ("spatialdiva", "spatialdiva_filtered", "ridge")] + [("spartha_oracle_pass", "spartha_pass")]
 PATCH_KINDS = ("fold", "bubble", "blur", "pen", "overstain")
 KINDS = ("fold", "bubble", "detachment", "blur", "pen", "overstain")
 SCORED_PANELS = ("hvg", "top250", "hist2st_785")
