@@ -11,6 +11,7 @@ Usage::
 
     python benchmarks/paired.py results/a.json results/b.json --a spartha --b ridge mean \\
         --rename spartha_autolabels=spartha --out benchmarks/results/paired.json
+    python benchmarks/paired.py results/new.json results/old.json:ridge,mean --a spartha --b ridge
 """
 from __future__ import annotations
 
@@ -25,14 +26,27 @@ from spartha_pyro.metrics.stats import paired_sign_flip_test
 
 
 def load(files: list[str], rename: dict[str, str], seeds: list[int] | None = None) -> pd.DataFrame:
-    """Records of ``files`` as one frame, methods renamed by ``rename``, only ``seeds`` (``None``: all)."""
+    """Records of ``files`` as one frame, methods renamed by ``rename``, only ``seeds`` (``None``: all).
+
+    ``FILE:M1,M2`` takes only methods ``M1`` and ``M2`` (before renaming) from ``FILE``. The same
+    run (method, section, seed) in two files is refused: averaging two different runs as if they
+    were seeds of one would go unnoticed."""
     frames = []
     for f in files:
-        records = json.loads(Path(f).read_text())
-        frames.append(pd.DataFrame(records["records"] if isinstance(records, dict) else records).assign(file=f))
+        path, _, only = f.partition(":") if not Path(f).exists() else (f, "", "")
+        records = json.loads(Path(path).read_text())
+        df = pd.DataFrame(records["records"] if isinstance(records, dict) else records).assign(file=path)
+        frames.append(df[df["method"].isin(only.split(","))] if only else df)
     df = pd.concat(frames, ignore_index=True)
     df["method"] = df["method"].replace(rename)
-    return df if seeds is None else df[df["seed"].isin(seeds)]
+    df = df if seeds is None else df[df["seed"].isin(seeds)]
+    runs = df.drop_duplicates(["method", "section", "seed", "file"])
+    clash = runs[runs.duplicated(["method", "section", "seed"], keep=False)]
+    if not clash.empty:
+        first = clash.iloc[0]
+        raise SystemExit(f"{first['method']} {first['section']} seed {first['seed']} is in {sorted(set(clash['file']))}: "
+                         "take each method from one file (FILE:M1,M2) or rename one (--rename)")
+    return df
 
 
 def compare(df: pd.DataFrame, a: str, bs: list[str], metric: str) -> list[dict]:

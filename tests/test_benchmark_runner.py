@@ -150,3 +150,9 @@ def test_paired_pairs_only_the_seeds_asked_for(tmp_path):
     assert paired.main([str(f), "--a", "a", "--b", "b", "--seeds", "0"])[0]["diffs"] == pytest.approx([0.1, 0.1])
     paired.main([str(f), "--a", "a", "--b", "b", "--plot", str(tmp_path / "p.png")])
     assert (tmp_path / "p.png").stat().st_size > 0
+    # another file with a run of "a" under the same seed: refused, unless only "b" is taken from it
+    g = tmp_path / "other.json"
+    g.write_text(json.dumps([rec("a", s, 0, 0.9) for s in "PQ"] + [rec("b", s, 1, 0.3) for s in "PQ"]))
+    with pytest.raises(SystemExit, match="a P seed 0 is in"):
+        paired.main([str(f), str(g), "--a", "a", "--b", "b"])
+    assert paired.main([str(f), f"{g}:b", "--a", "a", "--b", "b"])[0]["diffs"] == pytest.approx([0.2, 0.2])
