@@ -25,12 +25,13 @@ import pandas as pd
 from spartha_pyro.metrics.stats import paired_sign_flip_test
 
 
-def load(files: list[str], rename: dict[str, str], seeds: list[int] | None = None) -> pd.DataFrame:
+def load(files: list[str], rename: dict[str, str], seeds: list[int] | None = None,
+         methods: list[str] | None = None) -> pd.DataFrame:
     """Records of ``files`` as one frame, methods renamed by ``rename``, only ``seeds`` (``None``: all).
 
     ``FILE:M1,M2`` takes only methods ``M1`` and ``M2`` (before renaming) from ``FILE``. The same
-    run (method, section, seed) in two files is refused: averaging two different runs as if they
-    were seeds of one would go unnoticed."""
+    run (method, section, seed) of one of ``methods`` (default: all) in two files is refused:
+    averaging two different runs as if they were seeds of one would go unnoticed."""
     frames = []
     for f in files:
         path, _, only = f.partition(":") if not Path(f).exists() else (f, "", "")
@@ -41,6 +42,7 @@ def load(files: list[str], rename: dict[str, str], seeds: list[int] | None = Non
     df["method"] = df["method"].replace(rename)
     df = df if seeds is None else df[df["seed"].isin(seeds)]
     runs = df.drop_duplicates(["method", "section", "seed", "file"])
+    runs = runs if methods is None else runs[runs["method"].isin(methods)]
     clash = runs[runs.duplicated(["method", "section", "seed"], keep=False)]
     if not clash.empty:
         first = clash.iloc[0]
@@ -112,7 +114,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--plot", help="write a PNG of every method's per-section scores here")
     args = p.parse_args(argv)
     rename = dict(r.split("=", 1) for r in args.rename)
-    rows = compare(load(args.files, rename, args.seeds), args.a, args.b, args.metric)
+    rows = compare(load(args.files, rename, args.seeds, [args.a, *args.b]), args.a, args.b, args.metric)
     for r in rows:
         per = " ".join(f"{s} {d:+.3f}" for s, d in zip(r["sections"], r["diffs"]))
         print(f"{r['a']} - {r['b']:12s} {r['panel']:12s} mean {r['mean_diff']:+.4f}  better in {r['a_better_in']}/"
