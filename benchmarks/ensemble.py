@@ -12,7 +12,7 @@ float16). Records: method ``<row>_ensemble`` (seed = number of members) and ``<r
 Usage::
 
     python benchmarks/ensemble.py runs/*.npz --row spartha --out benchmarks/results/ensemble.json
-    python benchmarks/paired.py benchmarks/results/ensemble.json benchmarks/results/her2st-loso-expected.json \\
+    python benchmarks/paired.py benchmarks/results/ensemble.json benchmarks/results/her2st-loso-expected.json:ridge,mean \\
         --a spartha_ensemble --b spartha ridge mean
 """
 from __future__ import annotations
@@ -94,9 +94,9 @@ def main(argv=None) -> list[dict]:
         _, genes, panels, spots = by_seed[seeds[0]]
         obs = obs.loc[spots.astype(str)]
         for seed in seeds:
-            pred, g, _, _ = by_seed[seed]
-            if not np.array_equal(g, genes):
-                raise SystemExit(f"{sec}: seed {seed} predicts other genes than seed {seeds[0]}")
+            pred, g, _, s = by_seed[seed]
+            if not (np.array_equal(g, genes) and np.array_equal(s, spots)):
+                raise SystemExit(f"{sec}: seed {seed} predicts other genes or spots than seed {seeds[0]}")
             out += records(args.row, sec, seed, pred, genes, panels, obs)
         mean = np.mean([by_seed[s][0] for s in seeds], axis=0)
         out += records(f"{args.row}_ensemble", sec, len(seeds), mean, genes, panels, obs)

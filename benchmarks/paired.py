@@ -34,10 +34,17 @@ def load(files: list[str], rename: dict[str, str], seeds: list[int] | None = Non
     averaging two different runs as if they were seeds of one would go unnoticed."""
     frames = []
     for f in files:
-        path, _, only = f.partition(":") if not Path(f).exists() else (f, "", "")
+        path, colon, only = ("", "", "") if Path(f).exists() else f.rpartition(":")
+        path = path or f
         records = json.loads(Path(path).read_text())
         df = pd.DataFrame(records["records"] if isinstance(records, dict) else records).assign(file=path)
-        frames.append(df[df["method"].isin(only.split(","))] if only else df)
+        if colon:
+            wanted = only.split(",")
+            missing = sorted(set(wanted) - set(df["method"]))
+            if missing or not only:
+                raise SystemExit(f"{f}: methods {missing or '(none named)'} are not in {path}")
+            df = df[df["method"].isin(wanted)]
+        frames.append(df)
     df = pd.concat(frames, ignore_index=True)
     df["method"] = df["method"].replace(rename)
     df = df if seeds is None else df[df["seed"].isin(seeds)]

@@ -765,8 +765,9 @@ class SPARTHA:
         ``num_samples`` count draws per spot (:func:`~spartha_pyro.predictions.summarize_samples`):
         ``draws_mean``, ``sd``, one per quantile and ``counts_mean``. The draws are exactly
         those of :meth:`predict_expression` with the same ``seed`` and ``batch_size``, made and
-        summarised one minibatch at a time: memory is ``num_samples × batch_size × genes``
-        whatever the number of spots, and the histology of every spot is scaled together
+        summarised one minibatch at a time: the draws take ``num_samples × batch_size × genes``
+        whatever the number of spots (the output, ``(4 + len(quantiles)) × spots × genes``
+        float32, comes on top), and the histology of every spot is scaled together
         (per section), so the result does not depend on ``batch_size`` beyond the draws.
 
         Parameters
@@ -811,10 +812,12 @@ class SPARTHA:
                                                       coords={"spot": spots[b], "gene": self.registry.genes},
                                                       attrs=attrs), quantiles=quantiles)
                 for name, values in {"draws_mean": part.X, **part.layers}.items():
-                    layers.setdefault(name, np.empty((data.n, values.shape[1]), np.float32))[b] = values
+                    if name not in layers:
+                        layers[name] = np.empty((data.n, values.shape[1]), np.float32)
+                    layers[name][b] = values
         summary = AnnData(X=point.values, obs=adata.obs.copy(), var=pd.DataFrame(index=pd.Index(self.registry.genes)),
                           layers=layers)
-        summary.uns["prediction"] = {**part.uns["prediction"], "num_samples": int(num_samples),
+        summary.uns["prediction"] = {**part.uns["prediction"], "num_samples": int(num_samples), "seed": int(seed),
                                      "batch_size": int(batch_size), "X": "predictive mean, count noise integrated out"}
         summary.uns["linear_share"] = float(point.attrs["linear_share"])
         return summary
@@ -982,8 +985,8 @@ class SPARTHA:
           included; NaN where the mean is 0).
 
         ``adata.uns[key]`` records the settings. For spots without counts or genes (a
-        histology-only AnnData has no gene axis to hold layers), use
-        ``summarize_samples(model.predict_expression(...))``, which returns a new AnnData.
+        histology-only AnnData has no gene axis to hold layers), or too many spots to hold
+        every draw in memory, use :meth:`predict_summary`, which returns a new AnnData.
 
         Parameters
         ----------
@@ -1009,8 +1012,7 @@ class SPARTHA:
         known = cols >= 0
         if not known.any():
             raise InputError(
-                "adata has none of the model's genes in var_names; use "
-                "spartha_pyro.predictions.summarize_samples(model.predict_expression(adata)) instead"
+                "adata has none of the model's genes in var_names; use model.predict_summary(adata) instead"
             )
         samples = self.predict_expression(adata, num_samples, artifact=artifact, seed=seed, batch_size=batch_size)
         from .predictions import summarize_samples  # lazy: pulls in metrics (scanpy)

@@ -156,3 +156,5 @@ def test_paired_pairs_only_the_seeds_asked_for(tmp_path):
     with pytest.raises(SystemExit, match="a P seed 0 is in"):
         paired.main([str(f), str(g), "--a", "a", "--b", "b"])
     assert paired.main([str(f), f"{g}:b", "--a", "a", "--b", "b"])[0]["diffs"] == pytest.approx([0.2, 0.2])
+    with pytest.raises(SystemExit, match=r"\['c'\] are not in"):  # a mistyped method is not an empty selection
+        paired.main([str(f), f"{g}:b,c", "--a", "a", "--b", "b"])

@@ -227,6 +227,22 @@ def test_export_posterior_layers(trained, sim):
         trained.export_posterior(sim[:5, []].copy())
 
 
+def test_predict_summary_streams_the_draws_of_predict_expression(trained, sim, tmp_path):
+    """Summaries made minibatch by minibatch equal those of all draws at once (same seed and
+    batch size), the NetCDF holds those very draws, and X is predict_mean."""
+    adata = sim[:40].copy()
+    kw = dict(num_samples=5, batch_size=7, seed=3)
+    got = trained.predict_summary(adata, quantiles=(0.5,), out=tmp_path / "d.nc", **kw)
+    draws = trained.predict_expression(adata, **kw)
+    ref = sp.predictions.summarize_samples(draws, quantiles=(0.5,))
+    np.testing.assert_array_equal(sp.predictions.read_samples(tmp_path / "d.nc").values, draws.values)
+    for name in ("sd", "q50", "counts_mean"):
+        np.testing.assert_allclose(got.layers[name], ref.layers[name], rtol=1e-6)
+    np.testing.assert_allclose(got.layers["draws_mean"], ref.X, rtol=1e-6)
+    np.testing.assert_allclose(got.X, trained.predict_mean(adata, artifact="pass", **kw).values, rtol=1e-6)
+    assert got.uns["prediction"]["seed"] == 3 and got.obs_names.equals(adata.obs_names)
+
+
 def test_spartha_calibrated_on_held_out_spots(sim):
     """Coverage of SPARTHA's histology-only predictive on held-out spots is nominal ±0.03.
 

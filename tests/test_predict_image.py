@@ -225,6 +225,8 @@ def test_predictions_scale_the_whole_image_and_x_is_the_predictive_mean(setup, m
     encoded, encode = [], model._encode_histology
     monkeypatch.setattr(model, "_encode_histology", lambda adata, artifact: encoded.append(adata.n_obs) or encode(adata, artifact))
     whole = predict_image(model, d / "slide.png", um_per_px=2.0, num_samples=4, progress=False)
+    # one minibatch in both (fewer than 256 pseudo-spots), so the same draws of the latents
+    assert spots.n_obs < 256
     np.testing.assert_allclose(whole.X, point.values, rtol=1e-5, atol=1e-6)
     assert not np.allclose(whole.X, whole.layers["draws_mean"], atol=1e-3)  # 4 draws are not the mean
     chunked = predict_image(model, d / "slide.png", um_per_px=2.0, num_samples=4, chunk_spots=7, progress=False)
