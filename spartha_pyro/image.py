@@ -740,8 +740,8 @@ def predict_image(
         for key in spots.obsm:
             pred.obsm[key] = spots.obsm[key]
         pred.uns.update({k: v for k, v in spots.uns.items()})
-        pred.uns["prediction"] = {**pred.uns["prediction"], "chunk_spots": int(chunk), "seed": int(seed),
-                                  "artifact": artifact, "seconds": round(time.perf_counter() - t0, 2)}
+        pred.uns["prediction"] = {**pred.uns["prediction"], "chunk_spots": int(chunk),
+                                  "seconds": round(time.perf_counter() - t0, 2)}
         if out is not None:
             write_h5ad(pred, out)
     return pred

@@ -723,26 +723,20 @@ class SPARTHA:
         ``xarray.DataArray`` with dims ``("sample", "spot", "gene")``, coords from
         ``adata.obs_names`` and the training genes (file-backed when ``out`` is given).
         """
-        if value not in ("counts", "mean"):
+        if value not in _DRAWS:
             raise InputError(f"value must be 'counts' or 'mean', got {value!r}")
-        if num_samples < 1:
-            raise InputError("num_samples must be positive")
-        if out is not None and Path(out).exists() and not overwrite:
-            raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+        _check_draw_request(num_samples, out, overwrite)
         data = self._encode_histology(adata, artifact)
-        dtype = np.int32 if value == "counts" else np.float32
         coords = {"sample": np.arange(num_samples), "spot": np.asarray(adata.obs_names), "gene": self.registry.genes}
         attrs = {"artifact": artifact, "value": value, "seed": seed, "model": repr(self)}
-        if out is None:
-            sink = np.empty((num_samples, data.n, len(self.registry.genes)), dtype=dtype)
+        with contextlib.ExitStack() as stack:
+            sink = (np.empty((num_samples, data.n, len(self.registry.genes)), dtype=_DRAWS[value][1]) if out is None
+                    else stack.enter_context(self._draws_to_netcdf(out, coords, value, attrs)))
             for b, draws in self._draw_blocks(data, num_samples, artifact, value, batch_size, seed):
                 sink[:, b] = draws
-            return xr.DataArray(sink, dims=("sample", "spot", "gene"), coords=coords, name=_DRAW_NAMES[value],
-                                attrs=attrs)
-        with self._draws_to_netcdf(out, coords, value, attrs) as sink:
-            for b, draws in self._draw_blocks(data, num_samples, artifact, value, batch_size, seed):
-                sink[:, b] = draws
-        return xr.open_dataarray(out)
+        if out is not None:
+            return xr.open_dataarray(out)
+        return xr.DataArray(sink, dims=("sample", "spot", "gene"), coords=coords, name=_DRAWS[value][2], attrs=attrs)
 
     @pyro.settings.context(module_local_params=True)
     @torch.no_grad()
@@ -790,15 +784,11 @@ class SPARTHA:
         """
         from .predictions import summarize_samples  # lazy: pulls in metrics (scanpy)
 
-        if num_samples < 1:
-            raise InputError("num_samples must be positive")
+        _check_draw_request(num_samples, out, overwrite)
         if any(not 0.0 <= q <= 1.0 for q in quantiles):
             raise InputError(f"quantiles must be in [0, 1], got {tuple(quantiles)}")
-        if out is not None and Path(out).exists() and not overwrite:
-            raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
-        point = self.predict_mean(adata, num_samples, artifact, batch_size=batch_size, seed=seed,
-                                  linear_path=linear_path)
         data = self._encode_histology(adata, artifact)
+        point, share = self._point_prediction(data, num_samples, artifact, "expected", batch_size, seed, 25, linear_path)
         spots = np.asarray(adata.obs_names)
         coords = {"sample": np.arange(num_samples), "spot": spots, "gene": self.registry.genes}
         attrs = {"artifact": artifact, "value": "counts", "seed": seed, "model": repr(self)}
@@ -815,17 +805,17 @@ class SPARTHA:
                     if name not in layers:
                         layers[name] = np.empty((data.n, values.shape[1]), np.float32)
                     layers[name][b] = values
-        summary = AnnData(X=point.values, obs=adata.obs.copy(), var=pd.DataFrame(index=pd.Index(self.registry.genes)),
+        summary = AnnData(X=point, obs=adata.obs.copy(), var=pd.DataFrame(index=pd.Index(self.registry.genes)),
                           layers=layers)
         summary.uns["prediction"] = {**part.uns["prediction"], "num_samples": int(num_samples), "seed": int(seed),
                                      "batch_size": int(batch_size), "X": "predictive mean, count noise integrated out"}
-        summary.uns["linear_share"] = float(point.attrs["linear_share"])
+        summary.uns["linear_share"] = float(share)
         return summary
 
     def _draw_blocks(self, data: SpotArrays, num_samples: int, artifact: str, value: str, batch_size: int, seed: int):
         """Yield ``(slice of spots, draws (num_samples, spots, G))`` minibatch by minibatch:
         counts (int32) or NB means (float32), as :meth:`predict_expression` returns them."""
-        site, dtype = ("x_t", np.int32) if value == "counts" else ("mu", np.float32)
+        site, dtype, _ = _DRAWS[value]
         for b, draws in self._draws(data, num_samples, artifact, [site], batch_size, seed, num_samples):
             yield slice(b[0], b[-1] + 1), draws[site].cpu().numpy().astype(dtype)
 
@@ -833,8 +823,8 @@ class SPARTHA:
     @contextlib.contextmanager
     def _draws_to_netcdf(out: str | os.PathLike, coords: Mapping[str, Sequence], value: str, attrs: Mapping):
         """A ``(sample, spot, gene)`` NetCDF variable to write draws into, at ``out`` once complete."""
-        dtype = np.int32 if value == "counts" else np.float32
-        with atomic_path(out) as tmp, _netcdf_variable(tmp, _DRAW_NAMES[value], dtype, coords, attrs) as sink:
+        _, dtype, name = _DRAWS[value]
+        with atomic_path(out) as tmp, _netcdf_variable(tmp, name, dtype, coords, attrs) as sink:
             yield sink
 
     def _encode_histology(self, adata: AnnData, artifact: str) -> SpotArrays:
@@ -929,16 +919,21 @@ class SPARTHA:
         if counts not in ("expected", "sampled"):
             raise InputError(f"counts must be 'expected' or 'sampled', got {counts!r}")
         data = self._encode_histology(adata, artifact)
-        out = self._model_mean(data, num_samples, artifact, counts, batch_size, seed, chunk)
-        share = 0.0
-        if linear_path and artifact == "posterior" and self.linear_path is not None:
-            out, share = self.linear_path.blend(out, data.x_h), self.linear_path.share
+        out, share = self._point_prediction(data, num_samples, artifact, counts, batch_size, seed, chunk, linear_path)
         return xr.DataArray(
             out, dims=("spot", "gene"), coords={"spot": np.asarray(adata.obs_names), "gene": self.registry.genes},
             name="log1p_normalised",
             attrs={"artifact": artifact, "counts": counts, "num_samples": num_samples, "seed": seed,
                    "linear_share": share},
         )
+
+    def _point_prediction(self, data: SpotArrays, num_samples: int, artifact: str, counts: str, batch_size: int,
+                          seed: int, chunk: int, linear_path: bool) -> tuple[np.ndarray, float]:
+        """:meth:`predict_mean` for encoded spots: ``(prediction float32 (n, G), linear share used)``."""
+        out = self._model_mean(data, num_samples, artifact, counts, batch_size, seed, chunk)
+        if linear_path and artifact == "posterior" and self.linear_path is not None:
+            return self.linear_path.blend(out, data.x_h), self.linear_path.share
+        return out, 0.0
 
     @pyro.settings.context(module_local_params=True)
     @torch.no_grad()
@@ -1143,8 +1138,16 @@ if SPARTHA.__doc__:  # the architecture's fields, documented once in ModelConfig
     SPARTHA.__doc__ = SPARTHA.__doc__.replace("{config}", ModelConfig.describe(indent=" " * 8))
 
 
-#: name of the draws' variable, by ``predict_expression(value=...)``
-_DRAW_NAMES = {"counts": "expression", "mean": "expected_expression"}
+#: by ``predict_expression(value=...)``: the model site drawn, its dtype and the draws' variable name
+_DRAWS = {"counts": ("x_t", np.int32, "expression"), "mean": ("mu", np.float32, "expected_expression")}
+
+
+def _check_draw_request(num_samples: int, out: str | os.PathLike | None, overwrite: bool) -> None:
+    """Up front, before any work: a positive ``num_samples``, and no ``out`` file to clobber unless ``overwrite``."""
+    if num_samples < 1:
+        raise InputError("num_samples must be positive")
+    if out is not None and Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
 
 
 @contextlib.contextmanager
