@@ -116,7 +116,7 @@ from spartha_pyro.metrics import (  # noqa: E402
     qcpr,
 )
 from spartha_pyro.pp.features import make_extractors, neighbor_mean  # noqa: E402
-from spartha_pyro.pp.patches import iter_patches  # noqa: E402
+from spartha_pyro.pp.patches import PATCH_QC_COLUMNS, iter_patches, patch_qc_metrics, read_patch_qc  # noqa: E402
 from spartha_pyro.pp.qc import mito_mask  # noqa: E402
 
 METHODS = ("spartha", "spatialdiva", "spatialdiva_filtered", "ridge", "mean", "spartha_oracle")
@@ -150,6 +150,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=100, help="(most) epochs of the VAEs")
     p.add_argument("--label-keys", nargs="*", default=["auto"], help="label sets of the VAEs (default: the library's 'auto')")
     p.add_argument("--features", default="lite0+stats+nbr", help="as benchmarks/her2st.py")
+    p.add_argument("--image-qc", action="store_true",
+                   help="QC also judges each spot's (corrupted) H&E patch (sp.pp.annotate_qc(image=True))")
     p.add_argument("--n-hvg", type=int, default=2500)
     p.add_argument("--n-top-mean", type=int, default=250)
     p.add_argument("--num-samples", type=int, default=100, help="posterior predictive draws per spot")
@@ -303,8 +305,15 @@ def clean_patches(adata: AnnData, images: dict, index: np.ndarray) -> np.ndarray
     return out
 
 
+def clean_patch_qc(adata: AnnData, images: dict) -> dict[str, np.ndarray]:
+    """:func:`~spartha_pyro.pp.patches.patch_qc_metrics` of every spot's clean patch."""
+    sub = AnnData(obs=adata.obs[["slide"]].copy(), obsm={"spatial": np.asarray(adata.obsm["spatial"])}, uns={"spatial": images})
+    return read_patch_qc(sub)
+
+
 def corrupt(clean: AnnData, images: dict, rate: float, seed: int, extractors: dict, patch_share: float = 0.7,
-            features: str = "lite0+stats+nbr", examples: list | None = None) -> AnnData:
+            features: str = "lite0+stats+nbr", examples: list | None = None,
+            patch_qc: dict[str, np.ndarray] | None = None) -> AnnData:
     """A corrupted copy of ``clean`` (every section; see the module docstring).
 
     ``X`` holds the corrupted counts, ``layers["clean"]`` the clean ones, ``obs["artifact"]``
@@ -314,7 +323,9 @@ def corrupt(clean: AnnData, images: dict, rate: float, seed: int, extractors: di
     the ``features`` blocks (as ``benchmarks/her2st.py --features``). ``extractors``:
     :func:`~spartha_pyro.pp.features.make_extractors` of the raw blocks; ``patch_share``: see
     :func:`choose_spots`. ``examples`` (if given) receives ``(kind, clean patch, corrupted
-    patch)`` of the first spot of each kind.
+    patch)`` of the first spot of each kind. ``patch_qc`` (:func:`clean_patch_qc`, if given):
+    the QC also judges the patches (``annotate_qc(image=True)``), the corrupted spots'
+    metrics taken from their corrupted patches.
     """
     rng = np.random.default_rng([seed, int(round(rate * 1000))])
     out = clean.copy()
@@ -353,6 +364,10 @@ def corrupt(clean: AnnData, images: dict, rate: float, seed: int, extractors: di
         corrupted = np.stack([
             corrupt_patch(patches[pos[i]], kind[i], rng, patches[pos[partner[i]]] if partner[i] >= 0 else None) for i in hit
         ])
+        if patch_qc is not None:
+            patch_qc = {k: v.copy() for k, v in patch_qc.items()}
+            for k, v in patch_qc_metrics(corrupted).items():
+                patch_qc[k][hit] = v
         for i, c in zip(hit, corrupted):
             if examples is not None and kind[i] not in seen:
                 seen.add(kind[i])
@@ -364,7 +379,10 @@ def corrupt(clean: AnnData, images: dict, rate: float, seed: int, extractors: di
                 na, nb = columns[f"{name}_neighbors"]
                 raw[:, na:nb] = neighbor_mean(out, raw[:, a:b])
         out.obsm["features"] = raw
-    sp.pp.annotate_qc(out, batch_key="slide", nmads=5)
+    if patch_qc is not None:
+        for k, column in PATCH_QC_COLUMNS.items():
+            out.obs[column] = patch_qc[k]
+    sp.pp.annotate_qc(out, batch_key="slide", nmads=5, image=patch_qc is not None)
     out.obsm["histology"] = bench.select_features(out, features)
     return out
 
@@ -611,11 +629,12 @@ def main(argv=None) -> list[dict]:
         print("note: no MT-/mt- genes in the data: the degradation signature and QC's mitochondrial criterion are off", flush=True)
     extractors = make_extractors(bench.needed_extractors(bargs), device="cpu")
     data, examples = {}, []
+    patch_qc = clean_patch_qc(clean, images) if args.image_qc else None
     for rate in args.rates:
         for seed in args.seeds:
             t = time.perf_counter()
             data[(rate, seed)] = corrupt(clean, images, rate, seed, extractors, args.patch_share, args.features,
-                                         examples if not examples else None)
+                                         examples if not examples else None, patch_qc)
             d = data[(rate, seed)]
             flagged = (d.obs["qc_pass"] == "fail").to_numpy()
             hit = d.obs["corrupted"].to_numpy(bool)

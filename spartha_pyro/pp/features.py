@@ -22,10 +22,12 @@ from .._errors import InputError
 from ..recipe import RECIPE_VERSION, grid_geometry
 from .patches import (
     MIN_TISSUE_FRACTION,
+    PATCH_QC_COLUMNS,
     _library_meta,
     _patch_px,
     iter_patches,
     patch_outside,
+    patch_qc_metrics,
     record_patch_qc,
     tissue_fraction,
 )
@@ -464,8 +466,9 @@ def histology_features(
     mean "histology missing"), ``uns[key_added]`` = ``{"extractors", "columns": {name:
     [start, stop]}, "patch_size", "neighbors", "recipe"}`` (the recipe a model keeps, see
     :mod:`spartha_pyro.recipe`) and, when patches were read, the patch QC
-    columns ``obs["patch_outside"]``, ``obs["patch_tissue_fraction"]``,
-    ``obs["patch_background"]``.
+    columns ``obs["patch_outside"]``, ``obs["patch_background"]`` and the image QC metrics
+    (:func:`~spartha_pyro.pp.patches.patch_qc_metrics`: ``obs["patch_tissue_fraction"]``,
+    ``obs["patch_log_sharpness"]``, ``obs["patch_od_mean"]``).
     """
     names = [extractor] if isinstance(extractor, str) else list(extractor)
     unknown = [n for n in names if n not in EXTRACTORS]
@@ -478,14 +481,15 @@ def histology_features(
         blocks["precomputed"] = _validate_precomputed(adata, precomputed_key or key_added, n_features)
     if runners:
         outside = patch_outside(adata, patch_size, patch_um, library_key)
-        fraction = np.full(adata.n_obs, np.nan)
+        metrics = {name: np.full(adata.n_obs, np.nan) for name in PATCH_QC_COLUMNS}
         results: dict[str, np.ndarray | None] = dict.fromkeys(runners)
         libs = adata.obs[library_key].astype(str)
         spatial = adata.uns.get("spatial", {})
         n_img = int(sum(bool(spatial.get(lib, {}).get("metadata", {}).get("source_image_path")) for lib in libs))
         with tqdm(total=n_img, desc="histology features", unit="spot", disable=not progress) as bar:
             for idx, patches in iter_patches(adata, patch_size, patch_um, batch_size=batch_size, library_key=library_key):
-                fraction[idx] = tissue_fraction(patches)
+                for name, value in patch_qc_metrics(patches).items():
+                    metrics[name][idx] = value
                 for name, run in runners.items():
                     feats = run(patches)
                     if results[name] is None:
@@ -497,7 +501,7 @@ def histology_features(
                 f"no section of adata.obs[{library_key!r}] has an image "
                 "(uns['spatial'][section]['metadata']['source_image_path'])"
             )
-        record_patch_qc(adata, outside, fraction, min_tissue)
+        record_patch_qc(adata, outside, metrics, min_tissue)
         blocks.update(results)
 
     columns: dict[str, list[int]] = {}

@@ -192,14 +192,58 @@ def tissue_fraction(patches: np.ndarray) -> np.ndarray:
     return tissue.mean(axis=(1, 2)).astype(np.float64)
 
 
-def record_patch_qc(adata: AnnData, outside: np.ndarray, fraction: np.ndarray, min_tissue: float) -> None:
-    """Write ``obs["patch_outside"]``, ``obs["patch_tissue_fraction"]``, ``obs["patch_background"]``.
+def patch_qc_metrics(patches: np.ndarray) -> dict[str, np.ndarray]:
+    """Image QC metrics per patch, in the spirit of HistoQC (whitespace, blur, stain intensity).
 
-    ``fraction`` is NaN for spots without an image; those are not flagged as background.
+    - ``tissue_fraction``: :func:`tissue_fraction` (bubbles, tears, detached tissue lower it);
+    - ``log_sharpness``: log of the mean absolute 4-neighbour Laplacian of the grey image in
+      [0, 1] (an out-of-focus patch has a lower value);
+    - ``od_mean``: mean optical density ``-log10((I + 1) / 256)`` over pixels and channels
+      (over-staining and folds raise it; washed-out or bare glass lowers it).
+
+    Parameters
+    ----------
+    patches
+        ``uint8`` RGB, shape ``(b, h, w, 3)``, ``h, w ≥ 3``.
+
+    Returns
+    -------
+    ``{name: float64 array of shape (b,)}`` with the three metrics above.
+    """
+    rgb = patches.astype(np.float32)
+    gray = rgb.mean(axis=-1) / 255.0
+    lap = -4 * gray[:, 1:-1, 1:-1] + gray[:, :-2, 1:-1] + gray[:, 2:, 1:-1] + gray[:, 1:-1, :-2] + gray[:, 1:-1, 2:]
+    return {
+        "tissue_fraction": tissue_fraction(patches),
+        "log_sharpness": np.log(np.abs(lap).mean(axis=(1, 2)).astype(np.float64) + 1e-6),
+        "od_mean": (-np.log10((rgb + 1.0) / 256.0)).mean(axis=(1, 2, 3)).astype(np.float64),
+    }
+
+
+#: the ``obs`` columns :func:`record_patch_qc` writes from :func:`patch_qc_metrics`
+PATCH_QC_COLUMNS: dict[str, str] = {name: f"patch_{name}" for name in ("tissue_fraction", "log_sharpness", "od_mean")}
+
+
+def record_patch_qc(adata: AnnData, outside: np.ndarray, metrics: dict[str, np.ndarray], min_tissue: float) -> None:
+    """Write ``obs["patch_outside"]``, the :data:`PATCH_QC_COLUMNS` and ``obs["patch_background"]``.
+
+    ``metrics`` (from :func:`patch_qc_metrics`, one value per spot) are NaN for spots without
+    an image; those are not flagged as background.
     """
     adata.obs["patch_outside"] = outside
-    adata.obs["patch_tissue_fraction"] = fraction
-    adata.obs["patch_background"] = np.nan_to_num(fraction, nan=1.0) < min_tissue
+    for name, column in PATCH_QC_COLUMNS.items():
+        adata.obs[column] = metrics[name]
+    adata.obs["patch_background"] = np.nan_to_num(metrics["tissue_fraction"], nan=1.0) < min_tissue
+
+
+def read_patch_qc(adata: AnnData, library_key: str = "slide", patch_size: int | None = None,
+                  patch_um: float | None = None, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """:func:`patch_qc_metrics` of every spot's patch, NaN for spots without an image."""
+    metrics = {name: np.full(adata.n_obs, np.nan) for name in PATCH_QC_COLUMNS}
+    for idx, patches in iter_patches(adata, patch_size, patch_um, batch_size=batch_size, library_key=library_key):
+        for name, value in patch_qc_metrics(patches).items():
+            metrics[name][idx] = value
+    return metrics
 
 
 def annotate_patches(
@@ -210,18 +254,18 @@ def annotate_patches(
     batch_size: int = 64,
     library_key: str = "slide",
 ) -> AnnData:
-    """Flag spots whose patch is partly outside the image or mostly background.
+    """Flag spots whose patch is partly outside the image or mostly background, and record
+    the patches' image QC metrics (:func:`patch_qc_metrics`).
 
-    Adds ``obs["patch_outside"]`` (bool), ``obs["patch_tissue_fraction"]`` (float in [0, 1],
-    NaN without an image) and ``obs["patch_background"]`` (tissue fraction < ``min_tissue``).
-    Nothing is dropped. :func:`spartha_pyro.pp.histology_features` records the same columns.
+    Adds ``obs["patch_outside"]`` (bool), ``obs["patch_tissue_fraction"]`` (float in [0, 1]),
+    ``obs["patch_log_sharpness"]``, ``obs["patch_od_mean"]`` (NaN without an image) and
+    ``obs["patch_background"]`` (tissue fraction < ``min_tissue``). Nothing is dropped.
+    :func:`spartha_pyro.pp.histology_features` records the same columns.
 
     Returns
     -------
     ``adata`` itself.
     """
-    fraction = np.full(adata.n_obs, np.nan)
-    for idx, patches in iter_patches(adata, patch_size, patch_um, batch_size=batch_size, library_key=library_key):
-        fraction[idx] = tissue_fraction(patches)
-    record_patch_qc(adata, patch_outside(adata, patch_size, patch_um, library_key), fraction, min_tissue)
+    metrics = read_patch_qc(adata, library_key, patch_size, patch_um, batch_size)
+    record_patch_qc(adata, patch_outside(adata, patch_size, patch_um, library_key), metrics, min_tissue)
     return adata

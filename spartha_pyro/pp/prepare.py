@@ -5,7 +5,9 @@ from collections.abc import Sequence
 
 from anndata import AnnData
 
+from .._errors import InputError
 from .features import histology_features
+from .patches import annotate_patches
 from .qc import annotate_qc
 
 
@@ -18,6 +20,7 @@ def prepare(
     neighbors: bool = False,
     device: str | None = None,
     progress: bool = True,
+    image_qc: bool = False,
 ) -> AnnData:
     """Annotate QC (never dropping spots) and compute histology features, in place.
 
@@ -44,6 +47,10 @@ def prepare(
         Torch device of the extractor (default CUDA when available).
     progress
         Show the extractor's progress bar.
+    image_qc
+        QC also judges each spot's H&E patch (whitespace, blur, stain intensity; see
+        :func:`~spartha_pyro.pp.annotate_qc`), for every threshold. Needs images (the patch
+        metrics are read while the features are computed).
 
     Returns
     -------
@@ -53,12 +60,16 @@ def prepare(
     """
     if batch_key is not None and batch_key not in adata.obs:
         batch_key = None
-    for k in nmads:
-        if k != qc_nmads:
-            annotate_qc(adata, batch_key=batch_key, nmads=k, key_added=f"qc_pass_{k:g}mad")
-    annotate_qc(adata, batch_key=batch_key, nmads=qc_nmads)  # last, so uns["qc"] records the standard
     has_image = adata.obs["has_image"].astype(bool).any() if "has_image" in adata.obs else False
+    if image_qc and not has_image:
+        raise InputError("image_qc needs images: no spot has one (obs['has_image'])")
     if extractor is not None and has_image:
         histology_features(adata, extractor=extractor, neighbors=neighbors, device=device, progress=progress,
                            library_key=batch_key or "slide")
+    if image_qc and "patch_od_mean" not in adata.obs:
+        annotate_patches(adata, library_key=batch_key or "slide")
+    for k in nmads:
+        if k != qc_nmads:
+            annotate_qc(adata, batch_key=batch_key, nmads=k, key_added=f"qc_pass_{k:g}mad", image=image_qc)
+    annotate_qc(adata, batch_key=batch_key, nmads=qc_nmads, image=image_qc)  # last, so uns["qc"] records the standard
     return adata

@@ -9,6 +9,14 @@ median:
 - ``pct_counts_in_top_20_genes`` both sides
 - ``pct_counts_mt``           upper side only, when genes starting with ``MT-`` exist
 
+With ``image=True`` the spot's H&E patch is checked too (:data:`IMAGE_QC_METRICS`, the
+patch metrics of :func:`spartha_pyro.pp.patches.patch_qc_metrics`, in the spirit of HistoQC):
+a patch fails when more than ``max_background`` of it is background (bubbles, tears, detached
+tissue), when its sharpness lies more than ``nmads`` MADs below the batch median (out of
+focus), or its mean optical density more than ``nmads`` MADs from it (over-staining, folds,
+washed-out stain). The background share is an absolute limit because the tissue fraction
+piles up at 1, where a MAD says nothing.
+
 The same thresholds are reused by :func:`spartha_pyro.metrics.qcpr` to score generated spots
 against the real spots of their section.
 """
@@ -31,6 +39,11 @@ QC_METRICS: dict[str, str] = {
     "pct_counts_in_top_20_genes": "both",
     "pct_counts_mt": "upper",
 }
+
+#: ``obs`` column of a patch metric -> which side(s) of the batch median count as outliers
+IMAGE_QC_METRICS: dict[str, str] = {"patch_log_sharpness": "lower", "patch_od_mean": "both"}
+#: a patch with a larger background share (1 - ``obs["patch_tissue_fraction"]``) fails image QC
+MAX_BACKGROUND = 0.25
 
 
 def mito_mask(var_names: Sequence[str]) -> np.ndarray:
@@ -82,19 +95,36 @@ def mad_reference(metrics: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"median": med, "mad": mad})
 
 
-def qc_outliers(metrics: pd.DataFrame, reference: pd.DataFrame, nmads: float) -> np.ndarray:
+def qc_outliers(metrics: pd.DataFrame, reference: pd.DataFrame, nmads: float,
+                sides: dict[str, str] = QC_METRICS) -> np.ndarray:
     """Boolean mask of spots failing QC against ``reference`` (from :func:`mad_reference`).
 
-    A metric with MAD 0 flags any value different from the median on its outlier side(s).
+    ``sides`` maps each metric column to the side(s) of the median that count as outliers
+    (``"upper"``, ``"lower"`` or ``"both"``; default :data:`QC_METRICS`). A metric with MAD 0
+    flags any value different from the median on its outlier side(s); NaN never fails.
     """
     fail = np.zeros(len(metrics), dtype=bool)
-    for name, side in QC_METRICS.items():
+    for name, side in sides.items():
         if name not in metrics or name not in reference.index:
             continue
         dev = metrics[name].to_numpy() - reference.loc[name, "median"]
         lim = nmads * reference.loc[name, "mad"]
-        fail |= dev > lim if side == "upper" else np.abs(dev) > lim
+        fail |= {"upper": dev > lim, "lower": -dev > lim, "both": np.abs(dev) > lim}[side]
     return fail
+
+
+def image_outliers(obs: pd.DataFrame, nmads: float, max_background: float = MAX_BACKGROUND) -> np.ndarray:
+    """Boolean mask of spots of ONE batch whose patch fails image QC (see the module docstring).
+
+    ``obs`` needs ``patch_tissue_fraction`` and the :data:`IMAGE_QC_METRICS` columns; rows
+    without an image (NaN) never fail and take no part in the medians and MADs.
+    """
+    metrics = obs[list(IMAGE_QC_METRICS)].astype(float)
+    imaged = metrics.notna().all(axis=1).to_numpy()
+    fail = (1.0 - obs["patch_tissue_fraction"].astype(float).to_numpy()) > max_background
+    if imaged.any():
+        fail[imaged] |= qc_outliers(metrics[imaged], mad_reference(metrics[imaged]), nmads, IMAGE_QC_METRICS)
+    return fail & imaged
 
 
 def annotate_qc(
@@ -104,6 +134,8 @@ def annotate_qc(
     layer: str | None = None,
     key_added: str = "qc_pass",
     counts_key: str | None = None,
+    image: bool = False,
+    max_background: float = MAX_BACKGROUND,
 ) -> AnnData:
     """Annotate spots as QC ``"pass"``/``"fail"`` per batch; never drops spots.
 
@@ -122,14 +154,31 @@ def annotate_qc(
         Boolean ``obs`` column marking spots whose counts were measured (as in
         :func:`~spartha_pyro.pp.combine_sections`); the others get no QC call (NaN label and
         metrics) and take no part in the medians and MADs.
+    image
+        Also fail spots whose H&E patch fails image QC (see the module docstring); needs the
+        patch metrics that :func:`~spartha_pyro.pp.histology_features` or
+        :func:`~spartha_pyro.pp.annotate_patches` record in ``obs``. Spots without an image
+        are judged on their counts alone.
+    max_background
+        With ``image``: the largest background share of a passing patch, in [0, 1).
 
     Returns
     -------
     ``adata`` itself, with ``obs[key_added]`` and the QC metrics (``obs["qc_<metric>"]``)
-    added, and ``uns["qc"] = {"nmads": ..., "batch_key": ..., "metrics": [...]}``.
+    added, with ``image`` also ``obs[f"{key_added}_image"]`` (bool: the patch alone fails),
+    and ``uns["qc"] = {"nmads": ..., "batch_key": ..., "metrics": [...], "image": ...,
+    "max_background": ...}``.
     """
     if nmads <= 0:
         raise InputError(f"nmads must be positive, got {nmads}")
+    if not 0 <= max_background < 1:
+        raise InputError(f"max_background must lie in [0, 1), got {max_background}")
+    needed = ["patch_tissue_fraction", *IMAGE_QC_METRICS]
+    if image and any(c not in adata.obs for c in needed):
+        raise InputError(
+            f"image QC needs the patch metrics {needed} in adata.obs: run sp.pp.histology_features or "
+            "sp.pp.annotate_patches first (a file prepared before image QC existed lacks some of them)"
+        )
     X = adata.X if layer is None else adata.layers[layer]
     if X is None or adata.n_vars == 0:
         raise InputError("annotate_qc needs counts: adata has no genes")
@@ -141,12 +190,18 @@ def annotate_qc(
     metrics[~measured] = np.nan
     batches = adata.obs[batch_key].astype(str).to_numpy() if batch_key else np.zeros(adata.n_obs, dtype=str)
     fail = np.zeros(adata.n_obs, dtype=bool)
+    image_fail = np.zeros(adata.n_obs, dtype=bool)
     for b in pd.unique(batches[measured]):
         sel = (batches == b) & measured
         fail[sel] = qc_outliers(metrics[sel], mad_reference(metrics[sel]), nmads)
+        if image:
+            image_fail[sel] = image_outliers(adata.obs.loc[sel, needed], nmads, max_background)
     for col in metrics:
         adata.obs[f"qc_{col}"] = metrics[col].to_numpy()
-    label = np.where(measured, np.where(fail, "fail", "pass"), None)
+    if image:
+        adata.obs[f"{key_added}_image"] = np.where(measured, image_fail, False)
+    label = np.where(measured, np.where(fail | image_fail, "fail", "pass"), None)
     adata.obs[key_added] = pd.Categorical(label, categories=["fail", "pass"])
-    adata.uns["qc"] = {"nmads": float(nmads), "batch_key": batch_key, "metrics": list(metrics.columns)}
+    adata.uns["qc"] = {"nmads": float(nmads), "batch_key": batch_key, "metrics": list(metrics.columns),
+                       "image": bool(image), "max_background": float(max_background)}
     return adata
