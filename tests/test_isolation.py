@@ -102,3 +102,22 @@ def test_two_models_do_not_share_weights(sim):
     for k, v in a.module.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not all(torch.equal(v, before[k]) for k, v in b.module.state_dict().items())
+
+
+@pytest.mark.parametrize("call", ["sp.pp.expression_clusters(adata)", "hvg_panel(adata, n_top=10)"])
+def test_clustering_and_panels_keep_the_torch_thread_count(call):
+    """scanpy's first numba kernel used to set torch's (shared OpenMP) thread count to the
+    number of cores: automatic labels and panels overrode a user's ``OMP_NUM_THREADS=1``."""
+    out = _run(
+        f"""
+        import os
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+        import spartha_pyro as sp
+        from spartha_pyro.metrics.panels import hvg_panel
+        adata = sp.datasets.simulate(n_spots=120, n_genes=40, seed=0)
+        {call}
+        print(torch.get_num_threads())
+        """
+    )
+    assert out.split() == ["1"]

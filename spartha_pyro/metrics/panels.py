@@ -6,6 +6,7 @@ import scanpy as sc
 from anndata import AnnData
 
 from .._errors import InputError
+from .._threads import keep_torch_threads
 from .normalize import normalize_log1p
 
 
@@ -48,7 +49,8 @@ def hvg_panel(
     if batch_key is not None:
         ad.obs[batch_key] = adata_train.obs[batch_key].astype(str).to_numpy()
     n_top = min(n_top, ad.n_vars)
-    sc.pp.highly_variable_genes(ad, flavor="seurat", n_top_genes=n_top, batch_key=batch_key)
+    with keep_torch_threads():
+        sc.pp.highly_variable_genes(ad, flavor="seurat", n_top_genes=n_top, batch_key=batch_key)
     var = ad.var[ad.var["highly_variable"]]
     keys = ["dispersions_norm"] if batch_key is None else ["highly_variable_nbatches", "dispersions_norm"]
     var = var.sort_values(keys, ascending=False)

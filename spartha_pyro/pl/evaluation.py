@@ -12,6 +12,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from .._errors import InputError
+from .._threads import keep_torch_threads
 
 
 def probe_heatmap(
@@ -102,8 +103,9 @@ def latent_umaps(
     )
     for row, key in zip(axes, latent_keys):
         view = AnnData(obs=adata.obs[list(color_keys)].copy(), obsm={"X_latent": np.asarray(adata.obsm[key])})
-        sc.pp.neighbors(view, n_neighbors=n_neighbors, use_rep="X_latent", random_state=seed)
-        sc.tl.umap(view, random_state=seed)
+        with keep_torch_threads():
+            sc.pp.neighbors(view, n_neighbors=n_neighbors, use_rep="X_latent", random_state=seed)
+            sc.tl.umap(view, random_state=seed)
         for ax, color in zip(row, color_keys):
             sc.pl.umap(view, color=color, ax=ax, show=False, title=f"{key} · {color}", frameon=False)
     fig.tight_layout()

@@ -17,6 +17,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
 
 from .._errors import InputError
+from .._threads import keep_torch_threads
 
 
 def expression_clusters(
@@ -60,10 +61,11 @@ def expression_clusters(
         raise InputError(f"expression_clusters needs at least 10 spots with counts, got {int(has.sum())}")
     sub = AnnData(X=counts[has].astype(np.float32), obs=pd.DataFrame(index=adata.obs_names[has]))
     sub.var_names = adata.var_names
-    sc.pp.normalize_total(sub, target_sum=1e4)
-    sc.pp.log1p(sub)
     n_top = min(n_top_genes, sub.n_vars)
-    sc.pp.highly_variable_genes(sub, n_top_genes=n_top, flavor="seurat")
+    with keep_torch_threads():
+        sc.pp.normalize_total(sub, target_sum=1e4)
+        sc.pp.log1p(sub)
+        sc.pp.highly_variable_genes(sub, n_top_genes=n_top, flavor="seurat")
     x = sub[:, sub.var["highly_variable"].to_numpy()].X
     x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
     if batch_key is not None:
@@ -73,7 +75,8 @@ def expression_clusters(
             x[rows] -= x[rows].mean(0)
     x /= np.where(x.std(0) > 0, x.std(0), 1.0)
     n_comp = max(2, min(n_pcs, x.shape[0] - 1, x.shape[1] - 1))
-    pcs = sc.pp.pca(x, n_comps=n_comp, random_state=seed)
+    with keep_torch_threads():
+        pcs = sc.pp.pca(x, n_comps=n_comp, random_state=seed)
     lo, hi = (n_clusters, n_clusters) if isinstance(n_clusters, int) else n_clusters
     hi = min(hi, len(pcs) - 1)
     if lo < 2 or hi < lo:
