@@ -109,7 +109,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(f"read {adata.n_obs} spots × {adata.n_vars} genes from {args.input}")
     extractor = None if [e.lower() for e in args.extractor] == ["none"] else args.extractor
     pp.prepare(adata, batch_key=args.batch_key, nmads=args.nmads, qc_nmads=args.qc_nmads, extractor=extractor,
-               neighbors=args.neighbors, device=args.device, progress=args.progress)
+               neighbors=args.neighbors, device=args.device, progress=args.progress, image_qc=args.image_qc)
     if args.batch_key in adata.obs:
         print(pl.qc_summary(adata, batch_key=args.batch_key, nmads=args.nmads).to_string(float_format="%.3f"))
     if "histology" in adata.obsm:
@@ -285,6 +285,9 @@ def _add_prepare(sub) -> None:
     p.add_argument("--nmads", type=float, nargs="+", default=[3.0, 4.0, 5.0],
                    help="MAD thresholds annotated (obs['qc_pass_<k>mad'])")
     p.add_argument("--qc-nmads", type=float, default=5.0, help="threshold of obs['qc_pass'], the model's QC label")
+    p.add_argument("--image-qc", action="store_true",
+                   help="QC also judges each spot's H&E patch: > 25%% background, blur or stain intensity beyond the "
+                   "MAD threshold (obs['qc_pass_image'])")
     p.add_argument("--extractor", nargs="+", default=["efficientnet_lite0", "stats"],
                    help="histology extractor(s): efficientnet_lite0, resnet50, stats; 'none' keeps obsm['histology']")
     p.add_argument("--neighbors", action="store_true", help="append the mean features of grid neighbours")

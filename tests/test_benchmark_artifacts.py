@@ -76,6 +76,27 @@ def test_corruption_keeps_the_clean_truth_and_touches_only_the_chosen_spots(arte
     assert (out.obs.loc[hit, "artifact"] != "").all() and (out.obs.loc[~hit, "artifact"] == "").all()
 
 
+def test_image_qc_judges_the_corrupted_patches(arte, folder, tmp_path):
+    """With ``--image-qc`` the QC reads each spot's patch metrics, the corrupted spots' from their
+    corrupted patches: white-outs (bubble, detachment) always fail."""
+    args = arte.parse_args(_argv(folder, tmp_path / "r.json", "--image-qc"))
+    bargs = arte.bench_args(args)
+    sections = ["S1", "S2", "S3", "S4"]
+    clean = arte.bench.prepare(bargs, sections)
+    images = arte.read_her2st(args.data, sections=sections).uns["spatial"]
+    extractors = arte.make_extractors(arte.bench.needed_extractors(bargs), device="cpu")
+    patch_qc = arte.clean_patch_qc(clean, images)
+    out = arte.corrupt(clean, images, 0.3, 0, extractors, 0.7, args.features, None, patch_qc)
+    plain = arte.corrupt(clean, images, 0.3, 0, extractors, 0.7, args.features)
+    assert (out.obs["artifact"] == plain.obs["artifact"]).all()  # the same corruption
+    whiteout = out.obs["artifact"].isin(["bubble", "detachment"]).to_numpy()
+    assert whiteout.any() and out.obs["qc_pass_image"].to_numpy(bool)[whiteout].all()
+    assert (out.obs.loc[whiteout, "qc_pass"] == "fail").all()
+    assert out.uns["qc"]["image"] and not plain.uns["qc"]["image"]
+    np.testing.assert_array_equal(out.obs.loc[~out.obs["corrupted"], "patch_od_mean"],
+                                  patch_qc["od_mean"][~out.obs["corrupted"].to_numpy(bool)])
+
+
 def test_a_run_scores_against_the_clean_truth(arte, folder, tmp_path):
     out = tmp_path / "r.json"
     plots = tmp_path / "plots"

@@ -70,3 +70,59 @@ def test_annotate_qc_errors():
         sp.pp.annotate_qc(adata, nmads=0)
     with pytest.raises(sp.InputError, match="no genes"):
         sp.pp.annotate_qc(AnnData(obs=pd.DataFrame(index=["a", "b"])))
+
+
+def test_patch_metrics_see_whitespace_blur_and_stain():
+    from PIL import Image, ImageFilter
+
+    from spartha_pyro.pp.patches import patch_qc_metrics
+
+    rng = np.random.default_rng(0)
+    tissue = rng.integers(60, 200, (48, 48, 3)).astype(np.uint8)
+    white = tissue.copy()
+    white[:, :24] = 242  # half the patch is bare glass
+    blurred = np.asarray(Image.fromarray(tissue).filter(ImageFilter.GaussianBlur(3)))
+    dark = (tissue * 0.6).astype(np.uint8)
+    m = patch_qc_metrics(np.stack([tissue, white, blurred, dark]))
+    assert m["tissue_fraction"][0] == 1 and 0.45 < m["tissue_fraction"][1] < 0.55
+    assert m["log_sharpness"][2] < m["log_sharpness"][0] - 1
+    assert m["od_mean"][3] > m["od_mean"][0] > m["od_mean"][1]
+
+
+def _imaged(n=60, seed=0):
+    """Simulated spots, one batch, with typical patch metrics in ``obs``; spot 0's patch is
+    out of focus, spot 1's a third bare glass, spot 2's over-stained, spot 3 has no image."""
+    adata = sp.datasets.simulate(n_spots=n, n_genes=40, artifact_rate=0.0, seed=seed)
+    rng = np.random.default_rng(seed)
+    adata.obs["patch_tissue_fraction"] = rng.uniform(0.95, 1.0, n)
+    adata.obs["patch_log_sharpness"] = rng.normal(-3.0, 0.1, n)
+    adata.obs["patch_od_mean"] = rng.normal(0.27, 0.01, n)
+    adata.obs.loc[adata.obs_names[0], "patch_log_sharpness"] = -5.5
+    adata.obs.loc[adata.obs_names[1], "patch_tissue_fraction"] = 0.66
+    adata.obs.loc[adata.obs_names[2], "patch_od_mean"] = 0.5
+    adata.obs.loc[adata.obs_names[3], ["patch_tissue_fraction", "patch_log_sharpness", "patch_od_mean"]] = np.nan
+    return adata
+
+
+def test_image_qc_fails_bad_patches_whatever_their_counts():
+    adata = _imaged()
+    counts_only = (sp.pp.annotate_qc(adata.copy()).obs["qc_pass"] == "fail").to_numpy()
+    sp.pp.annotate_qc(adata, image=True)
+    fail = (adata.obs["qc_pass"] == "fail").to_numpy()
+    image_fail = adata.obs["qc_pass_image"].to_numpy(bool)
+    assert image_fail[:3].all() and not image_fail[3:].any()  # no image: judged on counts alone
+    assert (fail == (counts_only | image_fail)).all()
+    assert adata.uns["qc"]["image"] and adata.uns["qc"]["max_background"] == 0.25
+    # the background share is an absolute limit: a stricter one fails the 0.66 patch's neighbours too
+    sp.pp.annotate_qc(adata, image=True, max_background=0.02)
+    assert adata.obs["qc_pass_image"].sum() > image_fail.sum()
+
+
+def test_image_qc_needs_the_patch_metrics():
+    adata = sp.datasets.simulate(n_spots=60, n_genes=30, seed=0)
+    with pytest.raises(sp.InputError, match="histology_features or sp.pp.annotate_patches"):
+        sp.pp.annotate_qc(adata, image=True)
+    with pytest.raises(sp.InputError, match="max_background"):
+        sp.pp.annotate_qc(_imaged(), image=True, max_background=1.0)
+    with pytest.raises(sp.InputError, match="image_qc needs images"):
+        sp.pp.prepare(adata, extractor=None, image_qc=True)
