@@ -134,7 +134,7 @@ from spartha_pyro.metrics import (  # noqa: E402
     regression_metrics,
 )
 from spartha_pyro.pp.qc import mito_mask  # noqa: E402
-from spartha_pyro.pp.patches import iter_patches  # noqa: E402
+from spartha_pyro.pp.patches import PATCH_QC_COLUMNS, iter_patches, read_patch_qc  # noqa: E402
 from spartha_pyro.cli import linear_path_setting  # noqa: E402
 from spartha_pyro.train import resolve_device  # noqa: E402
 
@@ -249,6 +249,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--block-size", type=float, default=4.0, help="side of the block-bootstrap tiles, in array grid units")
     p.add_argument("--n-boot", type=int, default=1000, help="block-bootstrap replicates per section")
+    p.add_argument("--image-qc", action="store_true",
+                   help="obs['qc_pass'] (the VAEs' QC label) also judges each spot's H&E patch "
+                   "(sp.pp.annotate_qc(image=True), 5 MADs per section)")
     p.add_argument(
         "--save-predictions", action="store_true",
         help="also store every point prediction (float16) in the .npz beside --out (large); per-gene and per-spot "
@@ -328,6 +331,21 @@ def read_prepared(args: argparse.Namespace, sections: list[str]) -> AnnData:
     if "qc_pass" not in adata.obs:
         sp.pp.annotate_qc(adata, batch_key="slide", nmads=5)
     return adata
+
+
+def image_qc(args: argparse.Namespace, adata: AnnData, sections: list[str]) -> None:
+    """Re-annotate ``obs["qc_pass"]`` (5 MADs per section) with the patches judged too, reading
+    the patch metrics from the images when the prepared data predate them."""
+    if "patch_od_mean" not in adata.obs and not is_h5ad(args):
+        images = read_her2st(args.data, sections=sections).uns["spatial"]
+        view = AnnData(obs=adata.obs[["slide"]].copy(), obsm={"spatial": np.asarray(adata.obsm["spatial"])},
+                       uns={"spatial": images})
+        for name, values in read_patch_qc(view).items():
+            adata.obs[PATCH_QC_COLUMNS[name]] = values
+    sp.pp.annotate_qc(adata, batch_key="slide", nmads=5, image=True)
+    fail = adata.obs["qc_pass"] == "fail"
+    print(f"image QC: {int(fail.sum())} of {adata.n_obs} spots fail QC "
+          f"({int(adata.obs['qc_pass_image'].sum())} for their patch)", flush=True)
 
 
 def crop_patches(adata: AnnData, size: int) -> np.ndarray:
@@ -975,6 +993,8 @@ def main(argv=None) -> list[dict]:
     sections = list(dict.fromkeys(args.train_sections + args.test_sections))
     check_inputs(args, sections)
     adata = prepare(args, sections)
+    if args.image_qc:
+        image_qc(args, adata, sections)
     adata.obsm["histology"] = select_features(adata, args.features)
     if is_h5ad(args) and "features" not in adata.uns:
         print(f"note: the histology vectors are obsm['histology'] of {args.data} ({adata.obsm['histology'].shape[1]} "

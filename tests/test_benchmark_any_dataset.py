@@ -64,12 +64,14 @@ def test_loso_on_a_barelegacy_st_folder(bench, folder, tmp_path):
 
 def test_spartha_runs_without_cluster_labels(bench, folder, tmp_path, capsys):
     """The default ``--label-keys cluster`` on a folder without clusters: a note, and SPARTHA
-    trains with no label set and is scored like any other row."""
+    trains with no label set and is scored like any other row. ``--image-qc`` reads the patch
+    metrics from the images (the cache predates them) and re-annotates the QC label."""
     argv = _argv(folder, tmp_path / "r.json", "--epochs", "2", "--validation", "none", "--num-samples", "4",
-                 "--sample-chunk", "2")
+                 "--sample-chunk", "2", "--image-qc")
     argv[argv.index("--methods") + 1 : argv.index("--seeds")] = ["spartha", "ridge"]
     records = bench.main(argv)
-    assert "label columns ['cluster'] are absent" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "label columns ['cluster'] are absent" in printed and "for their patch)" in printed
     got = {(r["method"], r["panel"], r["metric"]): r["value"] for r in records if r["section"] == "S3"}
     assert np.isfinite(got[("spartha", "hvg", "pcc_gene")]) and np.isfinite(got[("spartha", "qc", "qc_energy_distance")])
 
