@@ -16,8 +16,10 @@ Data: any folder in the her2st/legacy-ST layout (``counts/<S>.tsv.gz``,
 ``.h5ad`` (e.g. Space Ranger sections read by ``spartha prepare``): raw counts in ``X``,
 ``obs["slide"]``, ``obs["array_x"|"array_y"]`` and the histology vectors in
 ``obsm["histology"]`` (used as they are; ``--features`` then does not apply) or in the
-benchmark's own ``obsm["features"]`` blocks; QC is annotated when ``obs["qc_pass"]`` is absent. Clusters
-(``--label-keys``, used only where present with 2+ classes), deconvolution and
+benchmark's own ``obsm["features"]`` blocks; QC is annotated when ``obs["qc_pass"]`` is absent. The
+VAEs' label sets are by default the library's automatic clusters of the training expression;
+label columns (``--label-keys``, e.g. her2st's ``cluster``, used only where present with 2+
+classes), deconvolution and
 ``genes/hist2st_785.txt`` are optional; what a run truly needs is checked before the features
 are extracted. Sections are read with an outer gene join and each split's gene universe is the
 genes of its TRAINING sections' tables (a gene missing from the test section's table is zero
@@ -182,10 +184,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "'none': train --epochs on all training sections; a section name or 'last': early-stop on it (--refit)",
     )
     p.add_argument(
-        "--label-keys", nargs="*", default=["cluster"],
-        help="label sets of spartha/spatialdiva: obs columns (one absent or with fewer than 2 classes on the "
-        "training spots is left out, with a note), 'auto' (clusters of the training expression, the library's "
-        "default), or nothing (no label set)",
+        "--label-keys", nargs="*", default=["auto"],
+        help="label sets of spartha/spatialdiva: 'auto' (default, the library's: clusters of the training "
+        "expression), obs columns (one absent or with fewer than 2 classes on the training spots is left out, "
+        "with a note; her2st's 'cluster' was made by the data's authors with every section of a patient, the "
+        "held-out one included), or nothing (no label set)",
     )
     p.add_argument("--loso", action="store_true", help="hold out each section in turn (train on the others)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

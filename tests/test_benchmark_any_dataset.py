@@ -63,11 +63,11 @@ def test_loso_on_a_barelegacy_st_folder(bench, folder, tmp_path):
 
 
 def test_spartha_runs_without_cluster_labels(bench, folder, tmp_path, capsys):
-    """The default ``--label-keys cluster`` on a folder without clusters: a note, and SPARTHA
+    """``--label-keys cluster`` on a folder without clusters: a note, and SPARTHA
     trains with no label set and is scored like any other row. ``--image-qc`` reads the patch
     metrics from the images (the cache predates them) and re-annotates the QC label."""
     argv = _argv(folder, tmp_path / "r.json", "--epochs", "2", "--validation", "none", "--num-samples", "4",
-                 "--sample-chunk", "2", "--image-qc")
+                 "--sample-chunk", "2", "--image-qc", "--label-keys", "cluster")
     argv[argv.index("--methods") + 1 : argv.index("--seeds")] = ["spartha", "ridge"]
     records = bench.main(argv)
     printed = capsys.readouterr().out
