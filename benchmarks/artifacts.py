@@ -603,10 +603,16 @@ def merge(args) -> list[dict]:
     separately) with the paired differences and sign-flip tests recomputed over all their
     sections; tables, and plots with ``--plot-dir``. Block-bootstrap CIs are kept as the
     files have them (they need the predictions)."""
-    records = []
+    records, seen = [], {}
     for f in args.merge:
-        records += [r for r in json.loads(Path(f).read_text())
-                    if not (r["method"].count("_vs_") and not r["metric"].endswith(("_ci_low", "_ci_high")))]
+        runs = [r for r in json.loads(Path(f).read_text())
+                if not (r["method"].count("_vs_") and not r["metric"].endswith(("_ci_low", "_ci_high")))]
+        for key in {(r["method"], r["section"], r["seed"], r["rate"]) for r in runs if r["method"] in ROWS}:
+            if key in seen:
+                raise sp.InputError(f"{f} and {seen[key]} both hold the run {key} (method, section, seed, rate): "
+                                    "the tests would average them as one; drop it from one file")
+            seen[key] = f
+        records += runs
     records += section_tests(records)
     Path(args.out).write_text(json.dumps(records, indent=1))
     report(records)

@@ -124,6 +124,8 @@ def test_a_run_scores_against_the_clean_truth(arte, folder, tmp_path):
     got = {(r["method"], r["rate"], r["panel"], r["metric"]): r["value"] for r in merged if r["section"] == "all"}
     assert got[("spartha_vs_ridge", 0.3, "hvg", "n_sections")] == 2
     assert got[("spartha_vs_ridge", 0.3, "hvg", "pcc_gene_clean_diff_p_value")] == pytest.approx(0.5)  # 2 equal signs of 4
+    with pytest.raises(arte.sp.InputError, match="both hold the run"):  # the same run twice would be averaged
+        arte.main(["--merge", str(out), str(out), "--out", str(tmp_path / "twice.json")])
 
 
 def test_no_pair_of_rows_gives_no_tests(arte):
