@@ -111,7 +111,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     pp.prepare(adata, batch_key=args.batch_key, nmads=args.nmads, qc_nmads=args.qc_nmads, extractor=extractor,
                neighbors=args.neighbors, device=args.device, progress=args.progress, image_qc=args.image_qc)
     if args.batch_key in adata.obs:
-        print(pl.qc_summary(adata, batch_key=args.batch_key, nmads=args.nmads).to_string(float_format="%.3f"))
+        print(pl.qc_summary(adata, batch_key=args.batch_key, nmads=args.nmads,
+                            image=bool(adata.uns["qc"].get("image"))).to_string(float_format="%.3f"))
     if "histology" in adata.obsm:
         print(f"histology: {adata.obsm['histology'].shape[1]} features per spot")
     else:

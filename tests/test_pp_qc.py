@@ -126,3 +126,12 @@ def test_image_qc_needs_the_patch_metrics():
         sp.pp.annotate_qc(_imaged(), image=True, max_background=1.0)
     with pytest.raises(sp.InputError, match="image_qc needs images"):
         sp.pp.prepare(adata, extractor=None, image_qc=True)
+
+
+def test_qc_summary_counts_the_image_failures_as_annotate_qc_does():
+    adata = _imaged()
+    adata.obs["slide"] = "s"
+    sp.pp.annotate_qc(adata, batch_key="slide", image=True)
+    table = sp.pl.qc_summary(adata, batch_key="slide", nmads=[5], image=True)
+    assert table.loc["s", "fail_5mad"] == (adata.obs["qc_pass"] == "fail").sum()
+    assert table.loc["s", "fail_5mad"] > sp.pl.qc_summary(adata, batch_key="slide", nmads=[5]).loc["s", "fail_5mad"]

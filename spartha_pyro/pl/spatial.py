@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 
 from .._errors import InputError
-from ..pp.qc import mad_reference, qc_metrics, qc_outliers
+from ..pp.qc import IMAGE_QC_METRICS, image_outliers, mad_reference, qc_metrics, qc_outliers
 
 
 def qc_summary(
@@ -22,6 +22,7 @@ def qc_summary(
     batch_key: str = "slide",
     nmads: Sequence[float] = (3, 4, 5),
     layer: str | None = None,
+    image: bool = False,
 ) -> pd.DataFrame:
     """Spots failing MAD-based QC per section at several thresholds (nothing is annotated).
 
@@ -35,6 +36,9 @@ def qc_summary(
         ``obs`` column with the section; statistics are per section.
     nmads
         Thresholds in MADs.
+    image
+        A spot also fails on its H&E patch, as in ``annotate_qc(image=True)`` (needs the patch
+        metrics in ``obs``).
 
     Returns
     -------
@@ -43,6 +47,9 @@ def qc_summary(
     """
     if batch_key not in adata.obs:
         raise InputError(f"batch_key {batch_key!r} is not a column of adata.obs")
+    needed = ["patch_tissue_fraction", *IMAGE_QC_METRICS]
+    if image and any(c not in adata.obs for c in needed):
+        raise InputError(f"image QC needs the patch metrics {needed} in adata.obs")
     X = adata.X if layer is None else adata.layers[layer]
     metrics = qc_metrics(X, adata.var_names)
     batches = adata.obs[batch_key].astype(str).to_numpy()
@@ -53,7 +60,10 @@ def qc_summary(
         ref = mad_reference(metrics[sel])
         row = {"n_spots": int(sel.sum())}
         for k in nmads:
-            row[f"fail_{k:g}mad"] = int(qc_outliers(metrics[sel], ref, k).sum())
+            fail = qc_outliers(metrics[sel], ref, k)
+            if image:
+                fail |= image_outliers(adata.obs.loc[sel, needed], k)
+            row[f"fail_{k:g}mad"] = int(fail.sum())
         rows[b] = row
     out = pd.DataFrame.from_dict(rows, orient="index")
     out.loc["total"] = out.sum(axis=0)
