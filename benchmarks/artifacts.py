@@ -477,7 +477,8 @@ def run_task(task: tuple) -> dict:
         test_hist = AnnData(obs=test.obs[["slide", "array_x", "array_y"]].copy(), obsm={"histology": test.obsm["histology"]})
         rows, probe, chosen = predict_rows(method, train, test_hist, panels, bargs, seed)
     seconds = time.perf_counter() - start
-    base = {"section": test_section, "seed": seed, "rate": rate, "seconds": seconds, "features": args.features}
+    base = {"section": test_section, "seed": seed, "rate": rate, "seconds": seconds, "features": args.features,
+            "qc": "counts+image" if args.image_qc else "counts"}
     records = [{"method": method, **base, "panel": "train", "metric": f"chosen_{k}", "value": v} for k, v in chosen.items()]
     pccs = {}
     for row, (pred, names, counts) in rows.items():
@@ -607,11 +608,13 @@ def merge(args) -> list[dict]:
     for f in args.merge:
         runs = [r for r in json.loads(Path(f).read_text())
                 if not (r["method"].count("_vs_") and not r["metric"].endswith(("_ci_low", "_ci_high")))]
-        for key in {(r["method"], r["section"], r["seed"], r["rate"]) for r in runs if r["method"] in ROWS}:
-            if key in seen:
-                raise sp.InputError(f"{f} and {seen[key]} both hold the run {key} (method, section, seed, rate): "
-                                    "the tests would average them as one; drop it from one file")
-            seen[key] = f
+        for r in runs:  # the scores the tests pivot (the references' QC rows repeat harmlessly)
+            if r["method"] in ROWS and r["metric"] in ("pcc_gene_clean", "mse_clean_corrupted"):
+                key = (r["method"], r["section"], r["seed"], r["rate"], r["panel"], r["metric"])
+                if key in seen:
+                    raise sp.InputError(f"{f} and {seen[key]} both hold the run {key[:4]} (method, section, seed, "
+                                        "rate): the tests would average them as one; drop it from one file")
+                seen[key] = f
         records += runs
     records += section_tests(records)
     Path(args.out).write_text(json.dumps(records, indent=1))

@@ -336,6 +336,11 @@ def read_prepared(args: argparse.Namespace, sections: list[str]) -> AnnData:
     return adata
 
 
+def qc_kind(args: argparse.Namespace) -> str:
+    """What the VAEs' QC label judged, as the records say it: ``"counts"`` or ``"counts+image"``."""
+    return "counts+image" if args.image_qc else "counts"
+
+
 def image_qc(args: argparse.Namespace, adata: AnnData, sections: list[str]) -> None:
     """Re-annotate ``obs["qc_pass"]`` (5 MADs per section) with the patches judged too, reading
     the patch metrics from the images when the prepared data predate them."""
@@ -818,13 +823,13 @@ def run_task(task: tuple) -> tuple[list[dict], xr.DataArray | None, dict]:
     preds, probe_da, choice = run_method(method, train, test, panels, args, seed, validation, extra)
     seconds = time.perf_counter() - start
     base = {"method": method, "section": test_section, "seed": seed, "seconds": seconds,
-            "features": args.features, "train_genes": args.train_genes, "panel": "train"}
+            "features": args.features, "train_genes": args.train_genes, "qc": qc_kind(args), "panel": "train"}
     records, scores = [{**base, "metric": f"chosen_{k}", "value": v} for k, v in choice.items()], {}
     for row, (pred, genes, counts, calibration) in preds.items():
         rows, scores[row] = score(pred, genes, counts, calibration, test, obs, panels, args, seed, reference=row if row in QC_REFERENCES else None)
         records += [
             {"method": row, "section": test_section, "seed": seed, "seconds": seconds,
-             "features": args.features, "train_genes": args.train_genes, **r}
+             "features": args.features, "train_genes": args.train_genes, "qc": qc_kind(args), **r}
             for r in rows
         ]
         pcc = {r["panel"]: round(r["value"], 4) for r in rows if r["metric"] == "pcc_gene"}

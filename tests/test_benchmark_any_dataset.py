@@ -64,8 +64,8 @@ def test_loso_on_a_barelegacy_st_folder(bench, folder, tmp_path):
 
 def test_spartha_runs_without_cluster_labels(bench, folder, tmp_path, capsys):
     """``--label-keys cluster`` on a folder without clusters: a note, and SPARTHA
-    trains with no label set and is scored like any other row. ``--image-qc`` reads the patch
-    metrics from the images (the cache predates them) and re-annotates the QC label."""
+    trains with no label set and is scored like any other row. ``--image-qc`` re-annotates the
+    QC label with the patches judged too."""
     argv = _argv(folder, tmp_path / "r.json", "--epochs", "2", "--validation", "none", "--num-samples", "4",
                  "--sample-chunk", "2", "--image-qc", "--label-keys", "cluster")
     argv[argv.index("--methods") + 1 : argv.index("--seeds")] = ["spartha", "ridge"]
@@ -74,6 +74,18 @@ def test_spartha_runs_without_cluster_labels(bench, folder, tmp_path, capsys):
     assert "label columns ['cluster'] are absent" in printed and "for their patch)" in printed
     got = {(r["method"], r["panel"], r["metric"]): r["value"] for r in records if r["section"] == "S3"}
     assert np.isfinite(got[("spartha", "hvg", "pcc_gene")]) and np.isfinite(got[("spartha", "qc", "qc_energy_distance")])
+
+
+def test_image_qc_reads_the_patch_metrics_a_cache_predates(bench, folder, tmp_path):
+    args = bench.parse_args(_argv(folder, tmp_path / "r.json", "--image-qc"))
+    sections = ["S1", "S2", "S3", "S4"]
+    adata = bench.prepare(args, sections)
+    fresh = adata.obs[["patch_log_sharpness", "patch_od_mean"]].copy()
+    old = adata.copy()
+    old.obs = old.obs.drop(columns=["patch_log_sharpness", "patch_od_mean"])  # as made before image QC
+    bench.image_qc(args, old, sections)
+    np.testing.assert_allclose(old.obs[fresh.columns].to_numpy(), fresh.to_numpy())
+    assert old.uns["qc"]["image"] and "qc_pass_image" in old.obs
 
 
 def test_missing_inputs_fail_before_feature_extraction(bench, folder, tmp_path):

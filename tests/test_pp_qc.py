@@ -135,3 +135,15 @@ def test_qc_summary_counts_the_image_failures_as_annotate_qc_does():
     table = sp.pl.qc_summary(adata, batch_key="slide", nmads=[5], image=True)
     assert table.loc["s", "fail_5mad"] == (adata.obs["qc_pass"] == "fail").sum()
     assert table.loc["s", "fail_5mad"] > sp.pl.qc_summary(adata, batch_key="slide", nmads=[5]).loc["s", "fail_5mad"]
+
+
+def test_annotate_qc_without_image_drops_a_stale_image_column_and_bad_sides_are_named():
+    adata = _imaged()
+    sp.pp.annotate_qc(adata, image=True)
+    sp.pp.annotate_qc(adata)
+    assert "qc_pass_image" not in adata.obs and not adata.uns["qc"]["image"]
+    with pytest.raises(sp.InputError, match="outlier side"):
+        sp.pp.qc_outliers(pd.DataFrame({"m": [1.0, 2.0]}), pd.DataFrame({"median": [1.0], "mad": [1.0]}, index=["m"]),
+                          5, {"m": "above"})
+    with pytest.raises(sp.InputError, match="MAD thresholds"):
+        sp.pp.prepare(adata, extractor=None, nmads=[0])

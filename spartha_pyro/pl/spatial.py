@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 
 from .._errors import InputError
-from ..pp.qc import IMAGE_QC_METRICS, image_outliers, mad_reference, qc_metrics, qc_outliers
+from ..pp.qc import IMAGE_QC_METRICS, MAX_BACKGROUND, image_outliers, mad_reference, qc_metrics, qc_outliers
 
 
 def qc_summary(
@@ -23,6 +23,7 @@ def qc_summary(
     nmads: Sequence[float] = (3, 4, 5),
     layer: str | None = None,
     image: bool = False,
+    max_background: float | None = None,
 ) -> pd.DataFrame:
     """Spots failing MAD-based QC per section at several thresholds (nothing is annotated).
 
@@ -39,6 +40,9 @@ def qc_summary(
     image
         A spot also fails on its H&E patch, as in ``annotate_qc(image=True)`` (needs the patch
         metrics in ``obs``).
+    max_background
+        With ``image``: the background limit; default the one ``annotate_qc`` recorded in
+        ``uns["qc"]``, else :data:`~spartha_pyro.pp.qc.MAX_BACKGROUND`.
 
     Returns
     -------
@@ -50,6 +54,8 @@ def qc_summary(
     needed = ["patch_tissue_fraction", *IMAGE_QC_METRICS]
     if image and any(c not in adata.obs for c in needed):
         raise InputError(f"image QC needs the patch metrics {needed} in adata.obs")
+    if max_background is None:
+        max_background = adata.uns.get("qc", {}).get("max_background", MAX_BACKGROUND)
     X = adata.X if layer is None else adata.layers[layer]
     metrics = qc_metrics(X, adata.var_names)
     batches = adata.obs[batch_key].astype(str).to_numpy()
@@ -62,7 +68,7 @@ def qc_summary(
         for k in nmads:
             fail = qc_outliers(metrics[sel], ref, k)
             if image:
-                fail |= image_outliers(adata.obs.loc[sel, needed], k)
+                fail |= image_outliers(adata.obs.loc[sel, needed], k, max_background)
             row[f"fail_{k:g}mad"] = int(fail.sum())
         rows[b] = row
     out = pd.DataFrame.from_dict(rows, orient="index")

@@ -60,6 +60,10 @@ def prepare(
     """
     if batch_key is not None and batch_key not in adata.obs:
         batch_key = None
+    if min([*nmads, qc_nmads]) <= 0:  # checked before minutes of feature extraction, as annotate_qc would
+        raise InputError(f"MAD thresholds must be positive, got nmads={list(nmads)}, qc_nmads={qc_nmads}")
+    if adata.n_vars == 0:
+        raise InputError("prepare needs counts: adata has no genes")
     has_image = adata.obs["has_image"].astype(bool).any() if "has_image" in adata.obs else False
     if image_qc and not has_image:
         raise InputError("image_qc needs images: no spot has one (obs['has_image'])")

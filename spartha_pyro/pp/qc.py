@@ -109,6 +109,8 @@ def qc_outliers(metrics: pd.DataFrame, reference: pd.DataFrame, nmads: float,
             continue
         dev = metrics[name].to_numpy() - reference.loc[name, "median"]
         lim = nmads * reference.loc[name, "mad"]
+        if side not in ("upper", "lower", "both"):
+            raise InputError(f"the outlier side of {name!r} must be 'upper', 'lower' or 'both', got {side!r}")
         fail |= {"upper": dev > lim, "lower": -dev > lim, "both": np.abs(dev) > lim}[side]
     return fail
 
@@ -200,6 +202,8 @@ def annotate_qc(
         adata.obs[f"qc_{col}"] = metrics[col].to_numpy()
     if image:
         adata.obs[f"{key_added}_image"] = np.where(measured, image_fail, False)
+    elif f"{key_added}_image" in adata.obs:  # left by an earlier image=True call, it would contradict the label
+        del adata.obs[f"{key_added}_image"]
     label = np.where(measured, np.where(fail | image_fail, "fail", "pass"), None)
     adata.obs[key_added] = pd.Categorical(label, categories=["fail", "pass"])
     adata.uns["qc"] = {"nmads": float(nmads), "batch_key": batch_key, "metrics": list(metrics.columns),
