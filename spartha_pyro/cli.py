@@ -111,8 +111,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     pp.prepare(adata, batch_key=args.batch_key, nmads=args.nmads, qc_nmads=args.qc_nmads, extractor=extractor,
                neighbors=args.neighbors, device=args.device, progress=args.progress, image_qc=args.image_qc)
     if args.batch_key in adata.obs:
-        print(pl.qc_summary(adata, batch_key=args.batch_key, nmads=args.nmads,
-                            image=bool(adata.uns["qc"].get("image"))).to_string(float_format="%.3f"))
+        print(pl.qc_summary(adata, batch_key=args.batch_key, nmads=args.nmads).to_string(float_format="%.3f"))
     if "histology" in adata.obsm:
         print(f"histology: {adata.obsm['histology'].shape[1]} features per spot")
     else:
@@ -286,9 +285,9 @@ def _add_prepare(sub) -> None:
     p.add_argument("--nmads", type=float, nargs="+", default=[3.0, 4.0, 5.0],
                    help="MAD thresholds annotated (obs['qc_pass_<k>mad'])")
     p.add_argument("--qc-nmads", type=float, default=5.0, help="threshold of obs['qc_pass'], the model's QC label")
-    p.add_argument("--image-qc", action="store_true",
+    p.add_argument("--image-qc", action=argparse.BooleanOptionalAction, default=None,
                    help="QC also judges each spot's H&E patch: > 25%% background, blur or stain intensity beyond the "
-                   "MAD threshold (obs['qc_pass_image'])")
+                   "MAD threshold (obs['qc_pass_image']); default: when the data have images")
     p.add_argument("--extractor", nargs="+", default=["efficientnet_lite0", "stats"],
                    help="histology extractor(s): efficientnet_lite0, resnet50, stats; 'none' keeps obsm['histology']")
     p.add_argument("--neighbors", action="store_true", help="append the mean features of grid neighbours")

@@ -134,7 +134,7 @@ def test_qc_summary_counts_the_image_failures_as_annotate_qc_does():
     sp.pp.annotate_qc(adata, batch_key="slide", image=True)
     table = sp.pl.qc_summary(adata, batch_key="slide", nmads=[5], image=True)
     assert table.loc["s", "fail_5mad"] == (adata.obs["qc_pass"] == "fail").sum()
-    assert table.loc["s", "fail_5mad"] > sp.pl.qc_summary(adata, batch_key="slide", nmads=[5]).loc["s", "fail_5mad"]
+    assert table.loc["s", "fail_5mad"] > sp.pl.qc_summary(adata, batch_key="slide", nmads=[5], image=False).loc["s", "fail_5mad"]
 
 
 def test_annotate_qc_without_image_drops_a_stale_image_column_and_bad_sides_are_named():
@@ -147,3 +147,27 @@ def test_annotate_qc_without_image_drops_a_stale_image_column_and_bad_sides_are_
                           5, {"m": "above"})
     with pytest.raises(sp.InputError, match="MAD thresholds"):
         sp.pp.prepare(adata, extractor=None, nmads=[0])
+
+
+def test_prepare_judges_the_patches_by_default_when_there_are_images(tmp_path):
+    """``image_qc=None`` (default): image QC when some spot has an image, counts only otherwise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(60, 200, (200, 200, 3)).astype(np.uint8)
+    img[:, :40] = 245  # bare glass on the left
+    Image.fromarray(img).save(tmp_path / "s1.png")
+    adata = sp.datasets.simulate(n_spots=40, n_genes=30, seed=0)
+    adata.obs["slide"] = "s1"
+    adata.obs["has_image"] = True
+    xy = np.stack(np.meshgrid(np.linspace(20, 180, 8), np.linspace(30, 170, 5)), -1).reshape(-1, 2)
+    adata.obsm["spatial"] = xy
+    adata.uns["spatial"] = {"s1": {"scalefactors": {"spot_diameter_fullres": 30.0},
+                                   "metadata": {"source_image_path": str(tmp_path / "s1.png")}}}
+    sp.pp.prepare(adata, extractor=None, progress=False)
+    assert adata.uns["qc"]["image"] and adata.obs.loc[xy[:, 0] < 25, "qc_pass_image"].all()
+    table = sp.pl.qc_summary(adata, nmads=[5])
+    assert table.loc["s1", "fail_5mad"] == (adata.obs["qc_pass"] == "fail").sum()
+    plain = sp.datasets.simulate(n_spots=40, n_genes=30, seed=0)
+    sp.pp.prepare(plain, extractor=None)
+    assert not plain.uns["qc"]["image"] and "qc_pass_image" not in plain.obs

@@ -22,7 +22,7 @@ def qc_summary(
     batch_key: str = "slide",
     nmads: Sequence[float] = (3, 4, 5),
     layer: str | None = None,
-    image: bool = False,
+    image: bool | None = None,
     max_background: float | None = None,
 ) -> pd.DataFrame:
     """Spots failing MAD-based QC per section at several thresholds (nothing is annotated).
@@ -39,7 +39,7 @@ def qc_summary(
         Thresholds in MADs.
     image
         A spot also fails on its H&E patch, as in ``annotate_qc(image=True)`` (needs the patch
-        metrics in ``obs``).
+        metrics in ``obs``); ``None`` (default): as ``annotate_qc`` last did (``uns["qc"]``).
     max_background
         With ``image``: the background limit; default the one ``annotate_qc`` recorded in
         ``uns["qc"]``, else :data:`~spartha_pyro.pp.qc.MAX_BACKGROUND`.
@@ -51,6 +51,8 @@ def qc_summary(
     """
     if batch_key not in adata.obs:
         raise InputError(f"batch_key {batch_key!r} is not a column of adata.obs")
+    if image is None:
+        image = bool(adata.uns.get("qc", {}).get("image", False))
     needed = ["patch_tissue_fraction", *IMAGE_QC_METRICS]
     if image and any(c not in adata.obs for c in needed):
         raise InputError(f"image QC needs the patch metrics {needed} in adata.obs")
