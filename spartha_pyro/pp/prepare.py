@@ -51,10 +51,9 @@ def prepare(
         QC also judges each spot's H&E patch (whitespace, blur, stain intensity; see
         :func:`~spartha_pyro.pp.annotate_qc`), for every threshold; ``None`` (default): when
         some spot has an image. ``True`` needs images (the patch metrics are read while the
-        features are computed). Why on by default: with image QC's labels SPARTHA predicted
-        her2st's held-out sections better (LOSO, one seed: +0.002 / +0.007 / +0.005 per-gene
-        PCC on HVG / top-250 / 785) and, on the artifact benchmark, the clean truth too
-        (``benchmarks/README.md``).
+        features are computed). Why on by default: on the artifact benchmark its labels let
+        SPARTHA predict the clean truth better, and on her2st's real sections (few artifacts)
+        it was level with count QC over three seeds (``benchmarks/README.md``).
 
     Returns
     -------
