@@ -296,10 +296,8 @@ def corrupt_counts(clean: np.ndarray, kind: str, rng: np.random.Generator, profi
 
 def clean_patches(adata: AnnData, images: dict, index: np.ndarray) -> np.ndarray:
     """The clean 224-px (default patch size) patches of the spots at positions ``index``."""
-    sub = adata[index]
-    sub = AnnData(obs=sub.obs[["slide"]].copy(), obsm={"spatial": np.asarray(sub.obsm["spatial"])}, uns={"spatial": images})
     out = None
-    for idx, batch in iter_patches(sub):
+    for idx, batch in iter_patches(bench.with_images(adata[index], images)):
         out = np.zeros((index.size, *batch.shape[1:]), np.uint8) if out is None else out
         out[idx] = batch
     return out
@@ -307,8 +305,7 @@ def clean_patches(adata: AnnData, images: dict, index: np.ndarray) -> np.ndarray
 
 def clean_patch_qc(adata: AnnData, images: dict) -> dict[str, np.ndarray]:
     """:func:`~spartha_pyro.pp.patches.patch_qc_metrics` of every spot's clean patch."""
-    sub = AnnData(obs=adata.obs[["slide"]].copy(), obsm={"spatial": np.asarray(adata.obsm["spatial"])}, uns={"spatial": images})
-    return read_patch_qc(sub)
+    return read_patch_qc(bench.with_images(adata, images))
 
 
 def corrupt(clean: AnnData, images: dict, rate: float, seed: int, extractors: dict, patch_share: float = 0.7,

@@ -135,7 +135,7 @@ from spartha_pyro.metrics import (  # noqa: E402
     qcpr,
     regression_metrics,
 )
-from spartha_pyro.pp.qc import mito_mask  # noqa: E402
+from spartha_pyro.pp.qc import missing_patch_metrics, mito_mask  # noqa: E402
 from spartha_pyro.pp.patches import PATCH_QC_COLUMNS, iter_patches, read_patch_qc  # noqa: E402
 from spartha_pyro.cli import linear_path_setting  # noqa: E402
 from spartha_pyro.train import resolve_device  # noqa: E402
@@ -341,13 +341,19 @@ def qc_kind(args: argparse.Namespace) -> str:
     return "counts+image" if args.image_qc else "counts"
 
 
+def with_images(adata: AnnData, images: dict) -> AnnData:
+    """A light view of ``adata`` (``obs["slide"]``, ``obsm["spatial"]``) with the image metadata
+    ``uns["spatial"] = images``, for :func:`~spartha_pyro.pp.patches.iter_patches` after the
+    cache dropped the images."""
+    return AnnData(obs=adata.obs[["slide"]].copy(), obsm={"spatial": np.asarray(adata.obsm["spatial"])},
+                   uns={"spatial": images})
+
+
 def image_qc(args: argparse.Namespace, adata: AnnData, sections: list[str]) -> None:
     """Re-annotate ``obs["qc_pass"]`` (5 MADs per section) with the patches judged too, reading
     the patch metrics from the images when the prepared data predate them."""
-    if "patch_od_mean" not in adata.obs and not is_h5ad(args):
-        images = read_her2st(args.data, sections=sections).uns["spatial"]
-        view = AnnData(obs=adata.obs[["slide"]].copy(), obsm={"spatial": np.asarray(adata.obsm["spatial"])},
-                       uns={"spatial": images})
+    if missing_patch_metrics(adata.obs) and not is_h5ad(args):
+        view = with_images(adata, read_her2st(args.data, sections=sections).uns["spatial"])
         for name, values in read_patch_qc(view).items():
             adata.obs[PATCH_QC_COLUMNS[name]] = values
     sp.pp.annotate_qc(adata, batch_key="slide", nmads=5, image=True)

@@ -14,7 +14,15 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 
 from .._errors import InputError
-from ..pp.qc import IMAGE_QC_METRICS, MAX_BACKGROUND, image_outliers, mad_reference, qc_metrics, qc_outliers
+from ..pp.qc import (
+    IMAGE_QC_COLUMNS,
+    MAX_BACKGROUND,
+    check_patch_metrics,
+    image_outliers,
+    mad_reference,
+    qc_metrics,
+    qc_outliers,
+)
 
 
 def qc_summary(
@@ -53,9 +61,8 @@ def qc_summary(
         raise InputError(f"batch_key {batch_key!r} is not a column of adata.obs")
     if image is None:
         image = bool(adata.uns.get("qc", {}).get("image", False))
-    needed = ["patch_tissue_fraction", *IMAGE_QC_METRICS]
-    if image and any(c not in adata.obs for c in needed):
-        raise InputError(f"image QC needs the patch metrics {needed} in adata.obs")
+    if image:
+        check_patch_metrics(adata.obs)
     if max_background is None:
         max_background = adata.uns.get("qc", {}).get("max_background", MAX_BACKGROUND)
     X = adata.X if layer is None else adata.layers[layer]
@@ -70,7 +77,7 @@ def qc_summary(
         for k in nmads:
             fail = qc_outliers(metrics[sel], ref, k)
             if image:
-                fail |= image_outliers(adata.obs.loc[sel, needed], k, max_background)
+                fail |= image_outliers(adata.obs.loc[sel, IMAGE_QC_COLUMNS], k, max_background)
             row[f"fail_{k:g}mad"] = int(fail.sum())
         rows[b] = row
     out = pd.DataFrame.from_dict(rows, orient="index")

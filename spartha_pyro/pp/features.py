@@ -26,6 +26,7 @@ from .patches import (
     _library_meta,
     _patch_px,
     iter_patches,
+    mean_abs_laplacian,
     patch_outside,
     patch_qc_metrics,
     record_patch_qc,
@@ -70,10 +71,7 @@ def _gradient_stats(gray: np.ndarray) -> np.ndarray:
     """Gradient-magnitude mean/sd and mean absolute Laplacian; ``gray`` (b, h, w) -> (b, 3)."""
     gy, gx = np.gradient(gray, axis=(1, 2))
     mag = np.hypot(gx, gy)
-    lap = (
-        -4 * gray[:, 1:-1, 1:-1] + gray[:, :-2, 1:-1] + gray[:, 2:, 1:-1] + gray[:, 1:-1, :-2] + gray[:, 1:-1, 2:]
-    )
-    return np.stack([mag.mean(axis=(1, 2)), mag.std(axis=(1, 2)), np.abs(lap).mean(axis=(1, 2))], axis=1)
+    return np.stack([mag.mean(axis=(1, 2)), mag.std(axis=(1, 2)), mean_abs_laplacian(gray)], axis=1)
 
 
 def stats_features(patches: np.ndarray) -> np.ndarray:

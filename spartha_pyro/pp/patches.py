@@ -192,12 +192,18 @@ def tissue_fraction(patches: np.ndarray) -> np.ndarray:
     return tissue.mean(axis=(1, 2)).astype(np.float64)
 
 
+def mean_abs_laplacian(gray: np.ndarray) -> np.ndarray:
+    """Mean absolute 4-neighbour Laplacian of grey images ``(b, h, w)`` (interior pixels) -> ``(b,)``."""
+    lap = -4 * gray[:, 1:-1, 1:-1] + gray[:, :-2, 1:-1] + gray[:, 2:, 1:-1] + gray[:, 1:-1, :-2] + gray[:, 1:-1, 2:]
+    return np.abs(lap).mean(axis=(1, 2))
+
+
 def patch_qc_metrics(patches: np.ndarray) -> dict[str, np.ndarray]:
     """Image QC metrics per patch, in the spirit of HistoQC (whitespace, blur, stain intensity).
 
     - ``tissue_fraction``: :func:`tissue_fraction` (bubbles, tears, detached tissue lower it);
-    - ``log_sharpness``: log of the mean absolute 4-neighbour Laplacian of the grey image in
-      [0, 1] (an out-of-focus patch has a lower value);
+    - ``log_sharpness``: log of :func:`mean_abs_laplacian` of the grey image in [0, 1] (the
+      ``"stats"`` extractor's ``grad_laplace_x1``; an out-of-focus patch has a lower value);
     - ``od_mean``: mean optical density ``-log10((I + 1) / 256)`` over pixels and channels
       (over-staining and folds raise it; washed-out or bare glass lowers it).
 
@@ -212,10 +218,9 @@ def patch_qc_metrics(patches: np.ndarray) -> dict[str, np.ndarray]:
     """
     rgb = patches.astype(np.float32)
     gray = rgb.mean(axis=-1) / 255.0
-    lap = -4 * gray[:, 1:-1, 1:-1] + gray[:, :-2, 1:-1] + gray[:, 2:, 1:-1] + gray[:, 1:-1, :-2] + gray[:, 1:-1, 2:]
     return {
         "tissue_fraction": tissue_fraction(patches),
-        "log_sharpness": np.log(np.abs(lap).mean(axis=(1, 2)).astype(np.float64) + 1e-6),
+        "log_sharpness": np.log(mean_abs_laplacian(gray).astype(np.float64) + 1e-6),
         "od_mean": (-np.log10((rgb + 1.0) / 256.0)).mean(axis=(1, 2, 3)).astype(np.float64),
     }
 

@@ -8,7 +8,7 @@ from anndata import AnnData
 from .._errors import InputError
 from .features import histology_features
 from .patches import annotate_patches
-from .qc import annotate_qc
+from .qc import annotate_qc, missing_patch_metrics
 
 
 def prepare(
@@ -74,7 +74,7 @@ def prepare(
     if extractor is not None and has_image:
         histology_features(adata, extractor=extractor, neighbors=neighbors, device=device, progress=progress,
                            library_key=batch_key or "slide")
-    if image_qc and "patch_od_mean" not in adata.obs:
+    if image_qc and missing_patch_metrics(adata.obs):
         annotate_patches(adata, library_key=batch_key or "slide")
     for k in nmads:
         if k != qc_nmads:

@@ -44,6 +44,22 @@ QC_METRICS: dict[str, str] = {
 IMAGE_QC_METRICS: dict[str, str] = {"patch_log_sharpness": "lower", "patch_od_mean": "both"}
 #: a patch with a larger background share (1 - ``obs["patch_tissue_fraction"]``) fails image QC
 MAX_BACKGROUND = 0.25
+#: every ``obs`` column image QC reads
+IMAGE_QC_COLUMNS: list[str] = ["patch_tissue_fraction", *IMAGE_QC_METRICS]
+
+
+def missing_patch_metrics(obs: pd.DataFrame) -> list[str]:
+    """The :data:`IMAGE_QC_COLUMNS` that ``obs`` lacks (e.g. data prepared before image QC)."""
+    return [c for c in IMAGE_QC_COLUMNS if c not in obs]
+
+
+def check_patch_metrics(obs: pd.DataFrame) -> None:
+    """Raise :class:`InputError` unless ``obs`` holds every column image QC reads."""
+    if missing_patch_metrics(obs):
+        raise InputError(
+            f"image QC needs the patch metrics {IMAGE_QC_COLUMNS} in adata.obs: run sp.pp.histology_features or "
+            "sp.pp.annotate_patches first (a file prepared before image QC existed lacks some of them)"
+        )
 
 
 def mito_mask(var_names: Sequence[str]) -> np.ndarray:
@@ -118,7 +134,7 @@ def qc_outliers(metrics: pd.DataFrame, reference: pd.DataFrame, nmads: float,
 def image_outliers(obs: pd.DataFrame, nmads: float, max_background: float = MAX_BACKGROUND) -> np.ndarray:
     """Boolean mask of spots of ONE batch whose patch fails image QC (see the module docstring).
 
-    ``obs`` needs ``patch_tissue_fraction`` and the :data:`IMAGE_QC_METRICS` columns; rows
+    ``obs`` needs the :data:`IMAGE_QC_COLUMNS`; rows
     without an image (NaN) never fail and take no part in the medians and MADs.
     """
     metrics = obs[list(IMAGE_QC_METRICS)].astype(float)
@@ -175,12 +191,8 @@ def annotate_qc(
         raise InputError(f"nmads must be positive, got {nmads}")
     if not 0 <= max_background < 1:
         raise InputError(f"max_background must lie in [0, 1), got {max_background}")
-    needed = ["patch_tissue_fraction", *IMAGE_QC_METRICS]
-    if image and any(c not in adata.obs for c in needed):
-        raise InputError(
-            f"image QC needs the patch metrics {needed} in adata.obs: run sp.pp.histology_features or "
-            "sp.pp.annotate_patches first (a file prepared before image QC existed lacks some of them)"
-        )
+    if image:
+        check_patch_metrics(adata.obs)
     X = adata.X if layer is None else adata.layers[layer]
     if X is None or adata.n_vars == 0:
         raise InputError("annotate_qc needs counts: adata has no genes")
@@ -197,7 +209,7 @@ def annotate_qc(
         sel = (batches == b) & measured
         fail[sel] = qc_outliers(metrics[sel], mad_reference(metrics[sel]), nmads)
         if image:
-            image_fail[sel] = image_outliers(adata.obs.loc[sel, needed], nmads, max_background)
+            image_fail[sel] = image_outliers(adata.obs.loc[sel, IMAGE_QC_COLUMNS], nmads, max_background)
     for col in metrics:
         adata.obs[f"qc_{col}"] = metrics[col].to_numpy()
     if image:
